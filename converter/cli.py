@@ -1,0 +1,94 @@
+"""The `lte-convert` command line: thin click commands over the library functions.
+
+Commands live beside the code they drive (converter/, exporters/, trt_plugins/, plugins/)
+and are imported only when used, so `lte-convert --help` stays fast and a CPU-only
+install never imports Triton or TensorRT.
+
+`lte-convert [MODEL] --out model.onnx` (no command name) runs the one-shot pipeline:
+arguments that do not start with a command name go to `lte-convert run`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+
+import click
+
+from converter.errors import UserError
+
+# command name -> "module:attribute"; the attribute is a click.Command.
+COMMANDS = {
+    "run": "exporters.cli:run",
+    "train": "converter.cli_train:train",
+    "fold": "converter.cli_train:fold",
+    "eval": "converter.cli_eval:eval_",
+    "export": "exporters.cli:export",
+    "validate": "exporters.cli:validate",
+    "build": "trt_plugins.cli:build",
+    "bench": "plugins.cli:bench",
+}
+
+_HELP_FLAGS = {"--help", "-h", "--version"}
+
+
+class _Group(click.Group):
+    """Lazy subcommands, and `run` as the default when no command name is given."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            return click.Command(name, help=f"(not available in this install: {e})",
+                                 callback=lambda: _unavailable(name, e))
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in COMMANDS and args[0] not in _HELP_FLAGS:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _unavailable(name, err):
+    raise UserError(f"`lte-convert {name}` is not available in this install ({err}). "
+                    "Reinstall the project with `pip install -e .` and try again.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lte-convert")
+def cli():
+    """Make a Hugging Face language model sparse (Learn-To-be-Efficient) and export it.
+
+    \b
+    Main job:   lte-convert [MODEL] --out model.onnx [--sparsity 0.5] [--data TEXT]
+    With no MODEL, the embedded default (SmolLM2-135M on Shakespeare) is used.
+    """
+
+
+def main(argv=None):
+    """Console entry point: user errors become one paragraph and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="lte-convert", standalone_mode=False)
+    except UserError as e:
+        click.echo(textwrap.fill(f"error: {e}", width=100), err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Interrupted; the last checkpoint (if any) is kept. Use --resume to go on.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; the last checkpoint (if any) is kept. Use --resume to go on.", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
