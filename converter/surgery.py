@@ -1,0 +1,159 @@
+"""Model surgery: replace each FFN of a Hugging Face model by an LTEFFN (explicit module
+replacement, never a patched `forward`).
+
+convert_model(model, expert_size, seed):
+    1. adapter = REGISTRY[config.model_type]                   (converter/adapters.py)
+    2. per block: read W_gate/W_up/W_down (+ biases) into the kernel layout [F, d]
+    3. balanced k-means on the rows of W_gate (W_up if non-gated) → permutation
+       (converter/grouping.py); zero-pad to F = ceil(d_ff / s)·s neurons
+    4. LTEFFN(mode="dense") with the permuted weights; router initialised below
+    5. config.<intermediate size field> = F, so the saved folder loads with from_pretrained
+The converted model is function-identical to the original in "dense" mode: a permutation of
+the intermediate dimension, and padded neurons that are zero in and out.
+
+Router initialisation: W_r,e = mean of expert e's raw W_gate rows (W_up for non-gated
+families; padding rows excluded), b_r,e = mean of the same rows' biases + ROUTER_INIT_BIAS.
+So z_e(x) starts as the average gate pre-activation of the expert's neurons — the k-means
+centroid in un-normalised weight space, which ranks experts by how active their neurons are
+for this token at no data cost — shifted so that σ(z) ≈ 0.9: stage 1 starts near the dense
+model with every expert on, instead of halving every expert's output at step 0 (bias 0) or
+starting from a random ranking (PyTorch's default init).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from converter import grouping
+from converter.adapters import Adapter, get_adapter, intermediate_size
+from converter.errors import UserError
+from converter.lte_ffn import MODES, ROUTER_INIT_BIAS, LTEFFN
+from plugins.spec import FFNShape
+
+
+def _blocks(model, adapter: Adapter) -> nn.ModuleList:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == adapter.layers
+                                                  or name.endswith("." + adapter.layers)):
+            return module
+    raise UserError(f"Found no list of transformer blocks named `{adapter.layers}` in this "
+                    f"{adapter.family} model ({type(model).__name__}). The model does not have "
+                    "the module layout of the transformers release lte-convert supports.")
+
+
+def lte_modules(model) -> list[tuple[int, LTEFFN]]:
+    """[(layer index, LTEFFN)] in layer order; empty for an unconverted model."""
+    adapter = get_adapter(model.config)
+    out = []
+    for i, block in enumerate(_blocks(model, adapter)):
+        module = block.get_submodule(adapter.ffn)
+        if isinstance(module, LTEFFN):
+            out.append((i, module))
+    return out
+
+
+def _read_ffn(block, adapter: Adapter) -> dict:
+    """The block's FFN weights in kernel layout: w_gate/w_up/w_down_t [F, d], biases."""
+    up, down = block.get_submodule(adapter.up), block.get_submodule(adapter.down)
+    if adapter.conv1d:             # Conv1D: y = x @ W + b with W [in, out]
+        w = dict(w_up=up.weight.t(), b_up=up.bias, w_down_t=down.weight, b_down=down.bias)
+    else:                          # nn.Linear: y = x @ Wᵀ + b with W [out, in]
+        w = dict(w_up=up.weight, b_up=up.bias, w_down_t=down.weight.t(), b_down=down.bias)
+    if adapter.gated:
+        gate = block.get_submodule(adapter.gate)
+        w.update(w_gate=gate.weight, b_gate=gate.bias)
+    return {k: (None if v is None else v.detach()) for k, v in w.items()}
+
+
+def _permute(w: dict, perm: torch.Tensor) -> dict:
+    """Reorder (and zero-pad to len(perm)) the intermediate dimension of every F-sized tensor."""
+    out = {}
+    for name, t in w.items():
+        if t is None or name == "b_down":
+            out[name] = None if t is None else t.clone()
+            continue
+        n = t.shape[0]
+        padded = torch.cat([t, t.new_zeros((len(perm) - n,) + tuple(t.shape[1:]))])
+        out[name] = padded[perm.to(t.device)].contiguous()
+    return out
+
+
+@torch.no_grad()
+def _init_router(ffn: LTEFFN, real: torch.Tensor):
+    """Router = mean raw gate (or up) row and bias of each expert's real neurons, + bias."""
+    s = ffn.shape.expert_size
+    rows = ffn.w_gate if ffn.shape.gated else ffn.w_up
+    bias = ffn.b_gate if ffn.shape.gated else ffn.b_up
+    keep = real.to(rows.dtype).view(-1, s, 1)                  # [E, s, 1]
+    count = keep.sum(1)                                        # [E, 1]
+    ffn.router.weight.copy_((rows.view(-1, s, rows.shape[1]) * keep).sum(1) / count)
+    b = torch.zeros_like(count[:, 0]) if bias is None else (bias.view(-1, s) * keep[..., 0]).sum(1) / count[:, 0]
+    ffn.router.bias.copy_(b + ROUTER_INIT_BIAS)
+
+
+def _install(block, adapter: Adapter, ffn: LTEFFN):
+    block.set_submodule(adapter.ffn, ffn)
+    for path in adapter.identity:
+        block.set_submodule(path, nn.Identity())
+
+
+@torch.no_grad()
+def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, seed: int = 0):
+    """Replace every FFN by an LTEFFN. permute=False keeps the neuron order (loading an LTE
+    checkpoint, whose weights are already grouped and padded); the router then stays at its
+    default init, to be overwritten by the saved routers."""
+    adapter = get_adapter(model.config)
+    if not isinstance(expert_size, int) or isinstance(expert_size, bool) or expert_size <= 0:
+        raise UserError(f"expert_size must be a positive integer, got {expert_size!r}. "
+                        "The LTE paper uses 32.")
+    if lte_modules(model):
+        raise UserError("This model already has LTE FFNs (it was converted before, or loaded "
+                        "from an LTE checkpoint). Convert the original Hugging Face model instead.")
+    activation = adapter.activation(model.config)
+    d_ff = intermediate_size(adapter, model.config)
+    if not permute and d_ff % expert_size:
+        raise UserError(f"The checkpoint's intermediate size {d_ff} is not a multiple of its "
+                        f"expert_size {expert_size}; the LTE checkpoint is inconsistent.")
+    F = -(-d_ff // expert_size) * expert_size
+    for i, block in enumerate(_blocks(model, adapter)):
+        w = _read_ffn(block, adapter)
+        assert w["w_up"].shape[0] == d_ff, (i, tuple(w["w_up"].shape), d_ff)
+        if permute:
+            key = w["w_gate"] if adapter.gated else w["w_up"]
+            perm = grouping.expert_permutation(key, expert_size, seed=seed + i)
+        else:
+            perm = torch.arange(F)
+        shape = FFNShape(d=w["w_up"].shape[1], d_ff=F, expert_size=expert_size,
+                         activation=activation, gated=adapter.gated)
+        ffn = LTEFFN(shape, tau=tau, **_permute(w, perm))
+        if permute:
+            _init_router(ffn, perm < d_ff)
+        _install(block, adapter, ffn)
+    setattr(model.config, adapter.size_field, F)
+    return model
+
+
+def convert_model(model, expert_size: int = 32, seed: int = 0):
+    """Group, permute, pad and wrap every FFN (LTEFFN in "dense" mode). Returns `model`."""
+    return wrap_model(model, expert_size, permute=True, seed=seed)
+
+
+def set_mode(model, mode: str):
+    """Set every LTEFFN's mode: dense | soft (stage 1) | hard (stage 2) | folded."""
+    if mode not in MODES:
+        raise UserError(f"Unknown LTE mode {mode!r}; expected one of {', '.join(MODES)}.")
+    modules = lte_modules(model)
+    if not modules:
+        raise UserError("This model has no LTE FFNs; convert it first (converter.surgery."
+                        "convert_model) or load an LTE checkpoint.")
+    folded = [m.fold_offset is not None for _, m in modules]
+    if mode == "folded" and not all(folded):
+        raise UserError("Mode 'folded' needs folded routers (their bias holds −logit(tau)); "
+                        "call converter.checkpoint.fold(model, offsets) instead.")
+    if mode in ("soft", "hard") and any(folded):
+        raise UserError(f"Mode {mode!r} uses the unfolded routers, but this model's routers "
+                        "are folded (their bias holds −logit(tau) + offset). Use mode 'folded' "
+                        "or 'dense', or reload the checkpoint saved before folding.")
+    for _, m in modules:
+        m.set_mode(mode)
+    return model
