@@ -132,6 +132,28 @@ def _sparse_ffn_fake(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expe
     return x.new_empty(x.shape)
 
 
+def _setup_context(ctx, inputs, output):
+    *tensors, ctx.expert_size, ctx.activation = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _backward(ctx, grad_y):
+    """Gradients through the reference (masked dense): for fine-tuning a folded model; the
+    sparse kernels are for inference."""
+    tensors = ctx.saved_tensors
+    need = ctx.needs_input_grad[:len(tensors)]
+    leaves = [t.detach().requires_grad_(n) if t is not None else None
+              for t, n in zip(tensors, need)]
+    with torch.enable_grad():
+        y = sparse_ffn_reference(*leaves, ctx.expert_size, ctx.activation)
+        wanted = [t for t, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
+    return (*(next(grads) if n else None for n in need), None, None)
+
+
+sparse_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------
 # lte::sparse_ffn_up / lte::sparse_ffn_down — the pair ONNX and TensorRT use
 # ---------------------------------------------------------------------------------------------
