@@ -1,0 +1,115 @@
+"""Run a TensorRT engine (.plan) from Python: the engine backend of `lte-convert validate`.
+
+Uses TensorRT's runtime and PyTorch CUDA tensors for the buffers; takes and returns numpy
+arrays (bfloat16 as ml_dtypes.bfloat16), like the ONNX Runtime backend. The lte plugins'
+kernels are inside the engine (AOT), so nothing from trt_plugins.plugin is imported here:
+running the engine proves it needs no Python plugin code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from converter.errors import UserError
+from trt_plugins.builder import import_tensorrt, make_logger
+
+
+def _torch_dtype(trt, dt):
+    import torch
+
+    table = {trt.float32: torch.float32, trt.float16: torch.float16,
+             trt.bfloat16: torch.bfloat16, trt.int32: torch.int32, trt.int64: torch.int64,
+             trt.int8: torch.int8, trt.uint8: torch.uint8, trt.bool: torch.bool}
+    return table[dt]
+
+
+def _to_torch(a: np.ndarray, dtype, device):
+    import torch
+
+    if a.dtype.name == "bfloat16":          # ml_dtypes: numpy has no bf16 of its own
+        t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+class EngineRunner:
+    """Deserialize once, run many times: `EngineRunner("model.plan").run({"input_ids": ...})`."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path):
+        import torch
+
+        self.trt = trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise UserError("Running a TensorRT engine needs a CUDA GPU and a CUDA build of "
+                            "PyTorch; none is available here.")
+        path = Path(engine_path)
+        if not path.is_file():
+            raise UserError(f"Engine file {path} does not exist; build it with "
+                            "`lte-convert build model.onnx --engine model.plan`.")
+        self.logger = make_logger(trt)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise UserError(
+                f"TensorRT could not load {path}: {'; '.join(self.logger.errors)}. An engine "
+                "only loads with the TensorRT version and GPU model it was built with; rebuild "
+                "it on this machine.")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode.INPUT
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+
+    def profile(self) -> dict:
+        """input name -> (min, opt, max) shapes of optimisation profile 0."""
+        return {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0))
+                for n in self.inputs}
+
+    def _check_shape(self, name, shape):
+        lo, _, hi = self.profile()[name]
+        if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            raise UserError(
+                f"Input {name} has shape {tuple(shape)}, outside the engine's profile "
+                f"(min {lo}, max {hi}). Rebuild with wider ranges, e.g. "
+                "`lte-convert build model.onnx --engine model.plan --batch 1:1:8 --seq 1:64:1024`.")
+
+    def run(self, feeds: dict) -> dict:
+        """numpy inputs by name -> numpy outputs by name (one synchronous execution)."""
+        import torch
+
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise UserError(f"The engine needs inputs {missing}; got {sorted(feeds)}.")
+        dev = torch.device("cuda")
+        keep = {}
+        for n in self.inputs:
+            a = np.asarray(feeds[n])
+            self._check_shape(n, a.shape)
+            keep[n] = _to_torch(a, _torch_dtype(self.trt, self.engine.get_tensor_dtype(n)), dev)
+            self.context.set_input_shape(n, tuple(a.shape))
+            self.context.set_tensor_address(n, keep[n].data_ptr())
+        outs = {}
+        for n in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(n))
+            outs[n] = torch.empty(shape, device=dev,
+                                  dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(n)))
+            self.context.set_tensor_address(n, outs[n].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise UserError(f"TensorRT failed to run the engine: {'; '.join(self.logger.errors)}")
+        stream.synchronize()
+        return {n: _to_numpy(t) for n, t in outs.items()}
