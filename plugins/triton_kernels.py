@@ -1,0 +1,413 @@
+"""Triton GPU kernels for lte.SparseFFN: the one kernel source for PyTorch and TensorRT.
+
+Semantics are those of plugins/spec.py (x [T, d], mask [T, E] bool, expert size s, F = E·s):
+
+    up:    h[t, f] = act(x[t]·W_gate[f] + b_gate[f]) · (x[t]·W_up[f] + b_up[f]) · mask[t, f // s]
+           (non-gated: act(x[t]·W_up[f] + b_up[f]) · mask[t, f // s]); h in x.dtype
+    down:  y[t, c] = Σ_f h[t, f] · mask[t, f // s] · W_down_t[f, c] + b_down[c]; y in h.dtype
+
+Every product accumulates in fp32. Expert e owns rows e·s … e·s+s−1 of W_gate, W_up and
+W_down_t ([F, d], row-major), so a skipped expert is a skipped contiguous block.
+
+Two kernels, one launch each, no workspace, no atomics, no host-side preprocessing; every
+program owns a disjoint block of the output and writes all of it (zeros where masked).
+
+up kernel — `sparse_ffn_up_kernel`, grid (cdiv(F, BLOCK_F), cdiv(T, BLOCK_T)):
+    (x_ptr, mask_ptr, w_gate_ptr, w_up_ptr, b_gate_ptr, b_up_ptr,      # inputs
+     T, D, F,                                                           # int32 scalars
+     h_ptr,                                                             # output
+     EXPERT_SIZE, ACTIVATION, GATED, HAS_BIAS, BLOCK_T, BLOCK_F, BLOCK_D)  # constexprs
+  A program owns rows [pid0·BLOCK_F, +BLOCK_F) of h for tokens [pid1·BLOCK_T, +BLOCK_T). It
+  reads the mask of those (token, row) pairs first; when none is active its loop has zero
+  trips (it only writes zeros), so an inactive expert costs one tiny program. Otherwise it
+  streams its rows of W_gate/W_up once, BLOCK_D columns at a time (16-byte vector loads;
+  rows of inactive experts are predicated off), and multiplies them with x:
+    BLOCK_T == 1: elementwise fp32 products in a [BLOCK_F, BLOCK_D] register accumulator,
+                  summed once at the end (GEMV; rows split across programs, d is not split,
+                  so act(gate)·up needs no cross-program reduction);
+    BLOCK_T >= 16: tl.dot on [BLOCK_T, BLOCK_D] × [BLOCK_D, BLOCK_F] tiles (tokens padded).
+
+down kernel — `sparse_ffn_down_kernel`, grid (cdiv(D, BLOCK_D), cdiv(T, BLOCK_T)):
+    (h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,                        # inputs
+     T, D, F,                                                           # int32 scalars
+     y_ptr,                                                             # output
+     EXPERT_SIZE, HAS_BIAS, BLOCK_T, BLOCK_D, BLOCK_F)                  # constexprs
+  A program owns columns [pid0·BLOCK_D, +BLOCK_D) of y for tokens [pid1·BLOCK_T, +BLOCK_T)
+  and walks all F rows of W_down_t in chunks of BLOCK_F rows, reading only rows whose expert
+  is active for some token of its block (contiguous BLOCK_D-column row segments). Each
+  program owns a disjoint slice of y, so no atomics and no zero-initialised buffer.
+
+Pointer dtypes: x/w/b/h/y share one dtype (fp16, bf16 or fp32); the mask is passed as bytes
+(`*u8`, a bool tensor viewed as uint8: 0 = skip, nonzero = compute). ACTIVATION is an int code
+(`ACTIVATION_CODES`). Offsets along tokens are 64-bit; inside a weight matrix 32-bit
+(F·d < 2³¹). For d % 16 == 0 (every real model) an AOT compiler may declare
+`tt.divisibility=16` on the pointers and on D and F; the JIT launcher gets that by
+specialisation.
+
+`launch_config(op, T, d, F, expert_size, dtype)` returns the `LaunchConfig` (constexprs, grid,
+num_warps, num_stages) both the PyTorch launchers here and trt_plugins/ use. Shared memory of
+every config is < 48 KiB (checked in tests), and Triton's scratch sizes are 0.
+
+PyTorch entry points: `sparse_ffn_up`, `sparse_ffn_down` (always the kernels) and
+`sparse_ffn` (the whole op; from `DENSE_MIN_TOKENS` tokens on it runs the masked FFN with
+cuBLAS matmuls instead, which measured faster for prefill). Nothing here syncs with the
+host, so a decode step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+# From this many tokens on, `sparse_ffn` uses cuBLAS on the masked h (see docs/kernels.md).
+DENSE_MIN_TOKENS = 64
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _act(z, ACTIVATION: tl.constexpr):
+    """act(z) for fp32 z; codes as in ACTIVATION_CODES."""
+    if ACTIVATION == 0:
+        return z * tl.sigmoid(z)
+    elif ACTIVATION == 1:
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return z * tl.sigmoid(2.0 * inner)       # 0.5·(1 + tanh(u)) == sigmoid(2u)
+    else:
+        return tl.maximum(z, 0.0)
+
+
+@triton.jit
+def sparse_ffn_up_kernel(x_ptr, mask_ptr, w_gate_ptr, w_up_ptr, b_gate_ptr, b_up_ptr,
+                         T, D, F,
+                         h_ptr,
+                         EXPERT_SIZE: tl.constexpr, ACTIVATION: tl.constexpr,
+                         GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """h[t, f] for a [BLOCK_T, BLOCK_F] block of (tokens, rows); see the module docstring."""
+    pid_f = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    n_experts = F // EXPERT_SIZE
+    rows = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)                          # [BLOCK_F]
+    row_ok = rows < F
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                          # [BLOCK_T]
+    tok_ok = toks < T
+    toks64 = toks.to(tl.int64)
+    w_rows = rows * D                                                       # row offsets
+
+    # -- which (token, row) pairs are active: [BLOCK_T, BLOCK_F] ------------------------
+    m = tl.load(mask_ptr + toks64[:, None] * n_experts + (rows // EXPERT_SIZE)[None, :],
+                mask=tok_ok[:, None] & row_ok[None, :], other=0) != 0
+    row_on = tl.max(m.to(tl.int32), axis=0) > 0                             # [BLOCK_F] union
+    n_steps = tl.where(tl.max(row_on.to(tl.int32), axis=0) > 0, tl.cdiv(D, BLOCK_D), 0)
+
+    # -- stream the rows of W_gate / W_up once ------------------------------------------
+    if BLOCK_T == 1:
+        # Software-prefetched GEMV: chunk k+1's loads are issued before chunk k's products,
+        # so two chunks of weights are in flight per program (plain loads are not pipelined
+        # by num_stages). The last trip loads past D: all predicated off, no traffic.
+        acc_u = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+        x_row = x_ptr + toks64 * D                                          # [1]
+        cols = tl.arange(0, BLOCK_D)
+        w_mask = row_on[:, None] & (cols < D)[None, :]
+        xk = tl.load(x_row + cols, mask=(cols < D) & tok_ok, other=0.0)
+        wu = tl.load(w_up_ptr + w_rows[:, None] + cols[None, :], mask=w_mask, other=0.0)
+        wg = wu
+        if GATED:
+            wg = tl.load(w_gate_ptr + w_rows[:, None] + cols[None, :], mask=w_mask, other=0.0)
+        for k in range(1, n_steps + 1):
+            cols = k * BLOCK_D + tl.arange(0, BLOCK_D)
+            w_mask = row_on[:, None] & (cols < D)[None, :]
+            xk_next = tl.load(x_row + cols, mask=(cols < D) & tok_ok, other=0.0)
+            wu_next = tl.load(w_up_ptr + w_rows[:, None] + cols[None, :], mask=w_mask, other=0.0)
+            wg_next = wu_next
+            if GATED:
+                wg_next = tl.load(w_gate_ptr + w_rows[:, None] + cols[None, :], mask=w_mask,
+                                  other=0.0)
+            xf = xk.to(tl.float32)[None, :]
+            acc_u += wu.to(tl.float32) * xf
+            if GATED:
+                acc_g += wg.to(tl.float32) * xf
+            xk, wu, wg = xk_next, wu_next, wg_next
+        up = tl.sum(acc_u, axis=1)[None, :]                                 # [1, BLOCK_F]
+        gate = tl.sum(acc_g, axis=1)[None, :]
+    else:
+        up = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
+        gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
+        for k in range(0, n_steps):
+            cols = k * BLOCK_D + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            xk = tl.load(x_ptr + toks64[:, None] * D + cols[None, :],
+                         mask=tok_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+            w_off = w_rows[None, :] + cols[:, None]                         # [BLOCK_D, BLOCK_F]
+            w_mask = row_on[None, :] & col_ok[:, None]
+            wu = tl.load(w_up_ptr + w_off, mask=w_mask, other=0.0)
+            up = tl.dot(xk, wu, up, input_precision="ieee")
+            if GATED:
+                wg = tl.load(w_gate_ptr + w_off, mask=w_mask, other=0.0)
+                gate = tl.dot(xk, wg, gate, input_precision="ieee")
+
+    # -- epilogue: bias, activation, per-token mask, store ------------------------------
+    if HAS_BIAS:
+        up += tl.load(b_up_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            gate += tl.load(b_gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        h = _act(gate, ACTIVATION) * up
+    else:
+        h = _act(up, ACTIVATION)
+    h = tl.where(m, h, 0.0)
+    tl.store(h_ptr + toks64[:, None] * F + rows[None, :], h.to(h_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
+                           T, D, F,
+                           y_ptr,
+                           EXPERT_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """y[t, c] for a [BLOCK_T, BLOCK_D] block of (tokens, columns); see the module docstring."""
+    pid_d = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    n_experts = F // EXPERT_SIZE
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)                          # [BLOCK_D]
+    col_ok = cols < D
+    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)                          # [BLOCK_T]
+    tok_ok = toks < T
+    toks64 = toks.to(tl.int64)
+
+    if BLOCK_T == 1:
+        # Software-prefetched: chunk i+1 (rows of active experts only) is loaded before
+        # chunk i is multiplied; the last trip loads past F, all predicated off.
+        acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+        rows = tl.arange(0, BLOCK_F)
+        on = tl.load(mask_ptr + toks64 * n_experts + rows // EXPERT_SIZE,
+                     mask=(rows < F) & tok_ok, other=0) != 0                  # [BLOCK_F]
+        hv = tl.load(h_ptr + toks64 * F + rows, mask=on, other=0.0)
+        w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
+                    mask=on[:, None] & col_ok[None, :], other=0.0)
+        for f0 in range(BLOCK_F, F + BLOCK_F, BLOCK_F):
+            rows = f0 + tl.arange(0, BLOCK_F)
+            on = tl.load(mask_ptr + toks64 * n_experts + rows // EXPERT_SIZE,
+                         mask=(rows < F) & tok_ok, other=0) != 0
+            hv_next = tl.load(h_ptr + toks64 * F + rows, mask=on, other=0.0)
+            w_next = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
+                             mask=on[:, None] & col_ok[None, :], other=0.0)
+            acc += hv.to(tl.float32)[:, None] * w.to(tl.float32)
+            hv, w = hv_next, w_next
+        y = tl.sum(acc, axis=0)[None, :]                                    # [1, BLOCK_D]
+    else:
+        y = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            rows = f0 + tl.arange(0, BLOCK_F)
+            m = tl.load(mask_ptr + toks64[:, None] * n_experts + (rows // EXPERT_SIZE)[None, :],
+                        mask=tok_ok[:, None] & (rows < F)[None, :], other=0) != 0
+            row_on = tl.max(m.to(tl.int32), axis=0) > 0                     # [BLOCK_F] union
+            hv = tl.load(h_ptr + toks64[:, None] * F + rows[None, :], mask=m, other=0.0)
+            w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
+                        mask=row_on[:, None] & col_ok[None, :], other=0.0)
+            y = tl.dot(hv, w, y, input_precision="ieee")
+
+    if HAS_BIAS:
+        y += tl.load(b_down_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + toks64[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# Launch configuration (shared with trt_plugins/)
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Constexpr block sizes and launch parameters of one kernel for one problem size.
+
+    up:   grid = (cdiv(F, block_f), cdiv(T, block_t))
+    down: grid = (cdiv(d, block_d), cdiv(T, block_t))
+    """
+
+    op: str                # "up" or "down"
+    block_t: int
+    block_f: int
+    block_d: int
+    num_warps: int
+    num_stages: int = 1
+
+    def grid(self, T: int, d: int, F: int) -> tuple[int, int]:
+        if self.op == "up":
+            return (triton.cdiv(F, self.block_f), triton.cdiv(T, self.block_t))
+        return (triton.cdiv(d, self.block_d), triton.cdiv(T, self.block_t))
+
+    def constexprs(self) -> dict:
+        return {"BLOCK_T": self.block_t, "BLOCK_F": self.block_f, "BLOCK_D": self.block_d}
+
+
+# Per token-count bucket: (max T, up config, down config). Tuned on an H200 (results/gpu.md).
+_CONFIGS = (
+    (1, LaunchConfig("up", 1, 8, 512, 4), LaunchConfig("down", 1, 256, 32, 8)),
+    (16, LaunchConfig("up", 16, 32, 128, 4, 3), LaunchConfig("down", 16, 128, 32, 4, 3)),
+    (64, LaunchConfig("up", 64, 64, 32, 4, 3), LaunchConfig("down", 64, 64, 64, 4, 2)),
+    (None, LaunchConfig("up", 64, 128, 32, 8, 2), LaunchConfig("down", 64, 32, 128, 8, 3)),
+)
+
+
+@lru_cache(maxsize=None)
+def launch_config(op: str, T: int, d: int, F: int, expert_size: int,
+                  dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
+    """The config both launchers (PyTorch here, TensorRT AOT) use for `op` at T tokens.
+
+    Any config is correct for any T (the grid covers all tokens); T only picks the fastest.
+    fp32 halves the column blocks so register use and shared memory stay the same.
+    """
+    assert op in ("up", "down"), op
+    for max_t, up, down in _CONFIGS:
+        if max_t is None or T <= max_t:
+            cfg = up if op == "up" else down
+            break
+    if dtype == torch.float32 and cfg.block_t > 1:
+        cfg = replace(cfg, block_d=max(16, cfg.block_d // 2) if op == "up" else cfg.block_d,
+                      block_f=max(16, cfg.block_f // 2) if op == "down" else cfg.block_f)
+    return cfg
+
+
+KERNELS = {"up": sparse_ffn_up_kernel, "down": sparse_ffn_down_kernel}
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def ast_source(op: str, dtype: torch.dtype, cfg: LaunchConfig, *, expert_size: int,
+               activation: str = "silu", gated: bool = True, has_bias: bool = True,
+               aligned: bool = True):
+    """`triton.compiler.ASTSource` of one kernel specialisation, for ahead-of-time compiles.
+
+    aligned=True promises 16-byte aligned pointers and D, F multiples of 16 (lets the
+    compiler emit 16-byte vector loads, as the JIT does by specialisation).
+    Compile with `triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})`.
+    """
+    from triton.compiler import ASTSource
+
+    kernel = KERNELS[op]
+    names = kernel.arg_names
+    consts = dict(cfg.constexprs(), EXPERT_SIZE=expert_size, HAS_BIAS=int(has_bias))
+    if op == "up":
+        consts.update(ACTIVATION=ACTIVATION_CODES[activation], GATED=int(gated))
+    sig = {n: ("*u8" if n == "mask_ptr" else f"*{TRITON_DTYPES[dtype]}") if n.endswith("_ptr")
+           else "i32" if n in ("T", "D", "F") else "constexpr" for n in names}
+    assert set(consts) == {n for n in names if sig[n] == "constexpr"}, (consts, names)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if aligned and (n.endswith("_ptr") or n in ("D", "F"))}
+    return ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+                     attrs=attrs)
+
+
+# ----------------------------------------------------------------------------------------
+# PyTorch launchers
+# ----------------------------------------------------------------------------------------
+def _mask_bytes(mask2d, T, E):
+    if mask2d.dtype != torch.bool or tuple(mask2d.shape) != (T, E) or not mask2d.is_contiguous():
+        raise ValueError(f"lte.SparseFFN (triton): mask must be a contiguous bool tensor of shape "
+                         f"{(T, E)}, got {mask2d.dtype} {tuple(mask2d.shape)}.")
+    return mask2d.view(torch.uint8)
+
+
+def _check_2d(name, t, shape, dtype):
+    if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous()):
+        raise ValueError(f"lte.SparseFFN (triton): {name} must be a contiguous {dtype} tensor of "
+                         f"shape {shape}, got {t.dtype} {tuple(t.shape)} "
+                         f"(contiguous={t.is_contiguous()}).")
+
+
+def sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, *, expert_size, activation, gated,
+                  config: LaunchConfig | None = None):
+    """h [T, F] (x.dtype) = masked act(x·W_gateᵀ + b_gate)·(x·W_upᵀ + b_up); one kernel launch."""
+    T, d = x2d.shape
+    F = w_up.shape[0]
+    for name, t, shape in (("x", x2d, (T, d)), ("w_up", w_up, (F, d)), ("b_up", b_up, (F,)),
+                           ("w_gate", w_gate if gated else None, (F, d)),
+                           ("b_gate", b_gate if gated else None, (F,))):
+        _check_2d(name, t, shape, w_up.dtype)
+    mask_u8 = _mask_bytes(mask2d, T, F // expert_size)
+    has_bias = b_up is not None or (gated and b_gate is not None)
+    if has_bias and b_up is None:
+        b_up = torch.zeros(F, dtype=x2d.dtype, device=x2d.device)
+    if not gated:
+        w_gate, b_gate = w_up, b_up
+    elif has_bias and b_gate is None:
+        b_gate = torch.zeros(F, dtype=x2d.dtype, device=x2d.device)
+    h = torch.empty((T, F), dtype=x2d.dtype, device=x2d.device)
+    if T == 0:
+        return h
+    cfg = config or launch_config("up", T, d, F, expert_size, x2d.dtype)
+    sparse_ffn_up_kernel[cfg.grid(T, d, F)](
+        x2d, mask_u8, w_gate, w_up, b_gate if has_bias else w_up, b_up if has_bias else w_up,
+        T, d, F, h,
+        EXPERT_SIZE=expert_size, ACTIVATION=ACTIVATION_CODES[activation], GATED=int(gated),
+        HAS_BIAS=int(has_bias), **cfg.constexprs(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return h
+
+
+def sparse_ffn_down(h2d, mask2d, w_down_t, b_down, *, expert_size,
+                    config: LaunchConfig | None = None):
+    """y [T, d] (h.dtype) = (h ⊙ mask)·W_down_t + b_down; one kernel launch."""
+    T, F = h2d.shape
+    d = w_down_t.shape[1]
+    for name, t, shape in (("h", h2d, (T, F)), ("w_down_t", w_down_t, (F, d)),
+                           ("b_down", b_down, (d,))):
+        _check_2d(name, t, shape, w_down_t.dtype)
+    mask_u8 = _mask_bytes(mask2d, T, F // expert_size)
+    y = torch.empty((T, d), dtype=h2d.dtype, device=h2d.device)
+    if T == 0:
+        return y
+    cfg = config or launch_config("down", T, d, F, expert_size, h2d.dtype)
+    sparse_ffn_down_kernel[cfg.grid(T, d, F)](
+        h2d, mask_u8, w_down_t, b_down if b_down is not None else w_down_t,
+        T, d, F, y,
+        EXPERT_SIZE=expert_size, HAS_BIAS=int(b_down is not None), **cfg.constexprs(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+_TORCH_ACTS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "relu": torch.relu,
+}
+
+
+def _dense_masked_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down,
+                      expert_size, activation):
+    """Prefill path: cuBLAS matmuls over all experts, then the mask (same numerics order)."""
+    T = x2d.shape[0]
+    up = torch.nn.functional.linear(x2d, w_up, b_up)
+    if w_gate is not None:
+        h = _TORCH_ACTS[activation](torch.nn.functional.linear(x2d, w_gate, b_gate)) * up
+    else:
+        h = _TORCH_ACTS[activation](up)
+    h = h.view(T, -1, expert_size).mul_(mask2d.unsqueeze(-1)).view(T, -1)
+    y = h @ w_down_t
+    return y + b_down if b_down is not None else y
+
+
+def sparse_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down, *,
+               expert_size, activation):
+    """The whole op on 2-D inputs: y [T, d]. Gated when w_gate is not None.
+
+    T < DENSE_MIN_TOKENS: the two sparse kernels; otherwise cuBLAS on the masked h.
+    """
+    if x2d.shape[0] >= DENSE_MIN_TOKENS:
+        return _dense_masked_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down,
+                                 expert_size, activation)
+    h = sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, expert_size=expert_size,
+                      activation=activation, gated=w_gate is not None)
+    return sparse_ffn_down(h, mask2d, w_down_t, b_down, expert_size=expert_size)

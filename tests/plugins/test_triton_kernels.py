@@ -1,0 +1,259 @@
+"""plugins/triton_kernels.py: the Triton kernels against the reference, on CPU.
+
+Triton decides interpreted-or-compiled when it is imported (TRITON_INTERPRET=1 must be set
+before `import triton`), so one process cannot do both, and setting it here would leak into
+every other test module of the pytest session. This module therefore runs itself in two
+subprocesses: `--interpret` runs every kernel case under Triton's interpreter (fp32 and
+fp16; the interpreter's bf16 tl.dot is broken) and `--aot` compiles every default config
+ahead of time for sm_80 / sm_90 as trt_plugins/ does and assembles the PTX with ptxas. Each
+prints JSON; the tests below assert on it, one test per case.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"   # before torch/triton are imported
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from plugins.reference import (  # noqa: E402
+    sparse_ffn_down_reference, sparse_ffn_reference, sparse_ffn_up_reference)
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = {"fp32": 1e-5, "fp16": 1e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _rel(out, ref):
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _problem(T, d, F, s, gated, bias, dtype, masks, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa: E731
+    E = F // s
+    mask = {"off": torch.zeros(T, E, dtype=torch.bool),
+            "on": torch.ones(T, E, dtype=torch.bool),
+            "one": torch.zeros(T, E, dtype=torch.bool).index_fill_(1, torch.tensor([E // 2]), True),
+            "per_token": torch.rand(T, E, generator=g) < 0.5}[masks]
+    return dict(x=r(T, d), mask=mask,
+                w_gate=r(F, d, scale=d ** -0.5) if gated else None, w_up=r(F, d, scale=d ** -0.5),
+                w_down_t=r(F, d, scale=F ** -0.5),
+                b_gate=r(F) if gated and bias else None, b_up=r(F) if bias else None,
+                b_down=r(d) if bias else None)
+
+
+# The kernel paths (GEMV for one token, tl.dot for blocks of tokens) with block sizes that do
+# not divide the problem: row blocks spanning or splitting experts, ragged token blocks.
+PATHS = {  # (block_t, block_f, block_d, num_warps) for up, then down
+    "gemv": ((1, 8, 16, 2), (1, 32, 16, 2)),
+    "dot": ((16, 32, 16, 2), (16, 32, 16, 2)),
+}
+CASES = [  # T, d, F, s, gated, bias, activation, masks
+    (1, 40, 96, 32, True, False, "silu", "per_token"),
+    (1, 40, 96, 16, True, True, "silu", "off"),
+    (2, 24, 64, 16, False, True, "relu", "on"),
+    (3, 40, 96, 32, True, True, "gelu", "one"),
+    (17, 72, 48, 8, False, False, "gelu_tanh", "per_token"),
+    (5, 33, 64, 32, True, True, "silu", "per_token"),
+]
+KERNEL_IDS = [f"T{c[0]}-d{c[1]}-F{c[2]}-s{c[3]}-{c[6]}-{c[7]}-{p}-{dt}"
+              for c in CASES for p in sorted(PATHS) for dt in ("fp32", "fp16")]
+WHOLE_OP_T = (1, 4, 20)           # sparse_ffn with launch_config's own choices, fp32
+AOT_T = (1, 16, 64, 4096)         # one T per launch_config bucket
+AOT_IDS = [f"{op}-{dt}-sm{arch}" for op in ("up", "down")   # fp16 compiles like bf16
+           for dt, arch in (("bf16", 80), ("bf16", 90), ("fp16", 90), ("fp32", 80), ("fp32", 90))]
+
+
+# ---------------------------------------------------------------------------------------
+# What the subprocesses run
+# ---------------------------------------------------------------------------------------
+def _kernel_case(tk, case, path, dt):
+    T, d, F, s, gated, bias, act, masks = case
+    dtype = DTYPES[dt]
+    p = _problem(T, d, F, s, gated, bias, dtype, masks, seed=sum(case[:4]))
+    up_cfg, down_cfg = (tk.LaunchConfig(op, *c) for op, c in zip(("up", "down"), PATHS[path]))
+    h = tk.sparse_ffn_up(p["x"], p["mask"], p["w_gate"], p["w_up"], p["b_gate"], p["b_up"],
+                         expert_size=s, activation=act, gated=gated, config=up_cfg)
+    h_ref = sparse_ffn_up_reference(p["x"], p["mask"], p["w_gate"], p["w_up"], p["b_gate"],
+                                    p["b_up"], s, act, gated)
+    skipped = ~p["mask"].repeat_interleave(s, dim=1)
+    # down gets an h with values where the mask is off too: it must ignore them.
+    h_in = torch.randn(T, F, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = tk.sparse_ffn_down(h_in, p["mask"], p["w_down_t"], p["b_down"], expert_size=s,
+                           config=down_cfg)
+    y_ref = sparse_ffn_down_reference(h_in, p["mask"], p["w_down_t"], p["b_down"], s)
+    return {"h_meta": [str(h.dtype), list(h.shape)], "y_meta": [str(y.dtype), list(y.shape)],
+            "expected_meta": [str(dtype), [T, F], [T, d]],
+            "h_skipped_zero": bool((h[skipped] == 0).all()),
+            "h_rel": _rel(h, h_ref) if masks != "off" else 0.0,
+            "y_zero": bool((y == 0).all()),
+            "y_rel": _rel(y, y_ref) if masks != "off" or bias else 0.0}
+
+
+def _run_interpret():
+    import plugins.triton_kernels as tk
+
+    out = {}
+    jobs = [(i, lambda c=c, p=p, dt=dt: _kernel_case(tk, c, p, dt))
+            for i, (c, p, dt) in zip(KERNEL_IDS, ((c, p, dt) for c in CASES
+                                                   for p in sorted(PATHS)
+                                                   for dt in ("fp32", "fp16")))]
+    for T in WHOLE_OP_T:
+        def whole(T=T):
+            p = _problem(T, 48, 128, 32, True, True, torch.float32, "per_token", seed=T)
+            y = tk.sparse_ffn(p["x"], p["mask"], p["w_gate"], p["w_up"], p["w_down_t"],
+                              p["b_gate"], p["b_up"], p["b_down"], expert_size=32,
+                              activation="silu")
+            return {"rel": _rel(y, sparse_ffn_reference(**p, expert_size=32, activation="silu"))}
+        jobs.append((f"whole-T{T}", whole))
+    for name, job in jobs:
+        try:
+            out[name] = job()
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+    return out
+
+
+def _run_aot():
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    import plugins.triton_kernels as tk
+
+    ptxas = shutil.which("ptxas")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in AOT_IDS:
+            op, dt, arch = name.split("-")
+            arch = int(arch[2:])
+            res = out[name] = {"configs": []}
+            try:
+                for T in AOT_T:
+                    cfg = tk.launch_config(op, T, 4096, 11008, 32, DTYPES[dt])
+                    src = tk.ast_source(op, DTYPES[dt], cfg, expert_size=32)
+                    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                       options={"num_warps": cfg.num_warps,
+                                                "num_stages": cfg.num_stages, "ptx_version": 80})
+                    md = k.metadata
+                    ptx = k.asm["ptx"]
+                    entry = {"T": T, "shared": md.shared,
+                             "global_scratch": getattr(md, "global_scratch_size", 0),
+                             "profile_scratch": getattr(md, "profile_scratch_size", 0),
+                             "entry": f".entry {md.name}(" in ptx, "ptxas": None}
+                    if ptxas and T == 1:
+                        path = Path(tmp) / f"{name}-{T}.ptx"
+                        path.write_text(ptx)
+                        gpu = "sm_90a" if arch == 90 else "sm_80"
+                        r = subprocess.run([ptxas, f"-arch={gpu}", str(path), "-o",
+                                            str(path.with_suffix(".o"))],
+                                           capture_output=True, text=True)
+                        entry["ptxas"] = r.returncode == 0 or r.stderr
+                    res["configs"].append(entry)
+            except Exception:
+                res["error"] = traceback.format_exc()
+    return out
+
+
+def _subprocess(flag):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, __file__, flag], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"{flag} subprocess failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------
+pytestmark = pytest.mark.skipif(
+    __name__ != "__main__" and __import__("importlib").util.find_spec("triton") is None,
+    reason="triton is not installed (pip install triton)")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return _subprocess("--interpret")
+
+
+@pytest.fixture(scope="module")
+def aot():
+    return _subprocess("--aot")
+
+
+@pytest.mark.parametrize("case_id", KERNEL_IDS)
+def test_up_and_down_match_reference(interpreted, case_id):
+    r = interpreted[case_id]
+    assert "error" not in r, r.get("error")
+    dt, T_F, T_d = r["expected_meta"]
+    assert r["h_meta"] == [dt, T_F] and r["y_meta"] == [dt, T_d]
+    assert r["h_skipped_zero"], "skipped experts must give exactly 0 in h"
+    tol = TOL[case_id.rsplit("-", 1)[1]]
+    assert r["h_rel"] <= tol, r
+    assert r["y_rel"] <= tol, r
+    if case_id.endswith(("off-gemv-fp32", "off-dot-fp32")) and "-d40-F96-s16-" not in case_id:
+        assert r["y_zero"]
+
+
+@pytest.mark.parametrize("T", WHOLE_OP_T)
+def test_default_configs_whole_op_match_reference(interpreted, T):
+    r = interpreted[f"whole-T{T}"]
+    assert "error" not in r, r.get("error")
+    assert r["rel"] <= 1e-5, r
+
+
+@pytest.mark.parametrize("name", AOT_IDS)
+def test_aot_compile_fits_plugin_rules(aot, name):
+    r = aot[name]
+    assert "error" not in r, r.get("error")
+    for c in r["configs"]:
+        assert c["entry"], c
+        assert c["shared"] < 48 * 1024, c
+        assert c["global_scratch"] == 0 and c["profile_scratch"] == 0, c
+        assert c["ptxas"] in (True, None), c
+
+
+def test_dense_fallback_for_many_tokens_matches_reference():
+    from plugins import triton_kernels
+
+    T = triton_kernels.DENSE_MIN_TOKENS
+    p = _problem(T, 24, 64, 16, True, True, torch.float32, "per_token", seed=3)
+    y = triton_kernels.sparse_ffn(p["x"], p["mask"], p["w_gate"], p["w_up"], p["w_down_t"],
+                                  p["b_gate"], p["b_up"], p["b_down"], expert_size=16,
+                                  activation="gelu")
+    assert _rel(y, sparse_ffn_reference(**p, expert_size=16, activation="gelu")) <= 1e-5
+
+
+def test_launchers_reject_bad_inputs_with_the_shapes():
+    from plugins import triton_kernels
+
+    p = _problem(2, 16, 32, 16, True, False, torch.float32, "on", seed=0)
+    with pytest.raises(ValueError, match=r"mask must be a contiguous bool tensor of shape "
+                                         r"\(2, 2\), got torch.bool \(2, 3\)"):
+        triton_kernels.sparse_ffn_up(p["x"], torch.ones(2, 3, dtype=torch.bool), p["w_gate"],
+                                     p["w_up"], None, None, expert_size=16, activation="silu",
+                                     gated=True)
+    with pytest.raises(ValueError, match=r"h must be a contiguous torch.float32 tensor "
+                                         r"of shape \(2, 32\), got torch.float16 \(2, 32\)"):
+        triton_kernels.sparse_ffn_down(torch.zeros(2, 32, dtype=torch.float16), p["mask"],
+                                       p["w_down_t"], None, expert_size=16)
+
+
+if __name__ == "__main__":
+    result = _run_interpret() if "--interpret" in sys.argv else _run_aot()
+    print(json.dumps(result))
