@@ -1,0 +1,183 @@
+"""Export a folded LTE model to ONNX: custom FFN node pairs with their function bodies.
+
+    LTE checkpoint ─► load (dtype) ─► check it fits the dtype ─► wrap (KV cache or not)
+        ─► torch.onnx.export(dynamo=True, opset 19, dynamic batch/seq axes)
+        ─► count the lte nodes (a silent fallback exporter drops them) ─► attach the functions
+        ─► metadata ─► save atomically (external data past the threshold) ─► onnx.checker
+
+Every folded LTEFFN becomes router MatMul/Add → Greater(0) (a bool mask of static shape) →
+lte::SparseFFNUp → lte::SparseFFNDown (exporters/symbolic.py); the FFN weights are graph
+initializers in the kernel layout ([F, d], W_down transposed) under their module names.
+
+Memory: the exported graph's initializers are views of the model's parameters, and
+ONNXProgram.save streams them to disk, so peak memory is about the model's size in the
+export dtype plus tracing overhead (measured in results/exporters.md) — never a second copy
+through a ModelProto, which doubles it and fails past 2 GB.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from converter.atomic import atomic_path
+from converter.errors import UserError
+from exporters import functions, metadata, wrappers
+from plugins import spec
+
+OPSET = functions.OPSET
+TWO_GB = 2 * 1024**3
+# Below 2 GiB by a margin: the protobuf limit counts the graph and metadata too.
+EXTERNAL_DATA_THRESHOLD = TWO_GB - 64 * 1024**2
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def data_path(onnx_path: Path) -> Path:
+    """Where ONNXProgram.save puts external data: beside the model, `<name>.data`."""
+    return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before the (slow) export if `out` cannot be written."""
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise UserError(f"The output path {out} is a folder; give a file name such as "
+                        f"{out / 'model.onnx'}.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"Cannot write the output {out}: {e.strerror or e}. Choose a folder you "
+                        "can write to (--out), or fix its permissions.") from None
+
+
+def check_fits_dtype(model, dtype: torch.dtype) -> None:
+    """UserError when a parameter is not finite in `dtype` (e.g. |w| > 65504 in fp16)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(
+                f"The model does not fit {DTYPE_NAMES[dtype]}: parameter {name} has values "
+                f"that are not finite in that dtype (the largest finite {DTYPE_NAMES[dtype]} "
+                f"is {torch.finfo(dtype).max:.4g}). Export with --dtype fp32 or bf16 instead.")
+
+
+def _check_outputs_finite(wrapper, kwargs, dtype):
+    with torch.no_grad():
+        out = wrapper(**kwargs)
+    logits = out[0] if isinstance(out, tuple) else out
+    if not torch.isfinite(logits).all():
+        raise UserError(
+            f"The model does not fit {DTYPE_NAMES[dtype]}: its outputs overflow (inf/NaN) on a "
+            f"sample input in that dtype. Export with --dtype fp32 (or bf16) instead.")
+
+
+def count_custom_nodes(model: ir.Model) -> dict[str, int]:
+    counts = {spec.OP_UP: 0, spec.OP_DOWN: 0}
+    for node in model.graph.all_nodes():
+        if node.domain == spec.NAMESPACE and node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts
+
+
+def _attach_functions(model: ir.Model) -> None:
+    for proto in functions.functions():
+        fn = ir.serde.deserialize_function(proto)
+        model.functions[fn.identifier()] = fn
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                 fingerprint: str = "") -> dict:
+    """Export a folded LTE model (in its current dtype) to `out`. Returns a summary dict.
+
+    kv_cache applies to decoders only (encoders never have one). External data is used when
+    the initializers exceed `external_data_threshold` bytes.
+    """
+    from converter.surgery import lte_modules
+
+    out = Path(out)
+    modules = lte_modules(model)
+    if not modules:
+        raise UserError("The model has no LTE FFNs; export takes an LTE checkpoint (made by "
+                        "`lte-convert train` or `lte-convert run`), not a plain Hugging Face model.")
+    not_folded = [i for i, m in modules if m.mode != "folded"]
+    if not_folded:
+        raise UserError(f"The LTE FFNs of layers {not_folded} are not folded (mode "
+                        f"{modules[0][1].mode!r}); only folded routers export to the sparse op. "
+                        "Run `lte-convert fold CKPT` first, then export the folded checkpoint.")
+    check_writable(out)
+    dtype = model.dtype
+    check_fits_dtype(model, dtype)
+    kv_cache = kv_cache and wrappers.is_decoder(model)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    wrapper = (wrappers.WithCache if kv_cache else wrappers.Plain)(model).eval()
+    kwargs, shapes = wrappers.sample_inputs(model, kv_cache, model.config.get_text_config().vocab_size)
+    _check_outputs_finite(wrapper, kwargs, dtype)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, (), kwargs=kwargs, dynamo=True, dynamic_shapes=shapes,
+            input_names=wrappers.input_names(n_layers, kv_cache),
+            output_names=wrappers.output_names(n_layers, kv_cache),
+            opset_version=OPSET, verbose=False)
+    graph = program.model
+
+    counts = count_custom_nodes(graph)
+    if counts != {spec.OP_UP: len(modules), spec.OP_DOWN: len(modules)}:
+        raise RuntimeError(
+            f"The exported graph has {counts[spec.OP_UP]} {spec.OP_UP} and "
+            f"{counts[spec.OP_DOWN]} {spec.OP_DOWN} nodes, expected {len(modules)} of each (one "
+            "pair per LTE FFN). torch.onnx.export fell back to a mode in which the custom op is "
+            "not emitted; re-run with TORCH_LOGS=onnx to see why the first attempt failed.")
+    _attach_functions(graph)
+    props = metadata.build(model, modules, info or {}, dtype=DTYPE_NAMES[dtype],
+                           kv_cache=kv_cache, fingerprint=fingerprint)
+    graph.metadata_props.update(props)
+
+    size = _initializer_bytes(graph)
+    external = size > external_data_threshold
+    with atomic_path(out) as tmp:
+        program.save(tmp, external_data=external)
+        tmp_data = data_path(tmp)
+        if external:
+            # the data goes in first: the .onnx that points at it appears last (on exit)
+            os.replace(tmp_data, data_path(out))
+        elif tmp_data.exists():
+            tmp_data.unlink()
+    if not external and data_path(out).exists():
+        data_path(out).unlink()        # a stale file from an earlier external-data export
+    del program, graph
+    onnx.checker.check_model(str(out))
+    return {"path": str(out), "data_path": str(data_path(out)) if external else None,
+            "bytes": size, "external_data": external, "kv_cache": kv_cache,
+            "dtype": DTYPE_NAMES[dtype], "custom_nodes": counts, "metadata": props}
+
+
+def export_checkpoint(ckpt, out, *, dtype: str = "fp32", kv_cache: bool = True,
+                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
+    """`lte-convert export`: load an LTE checkpoint in `dtype` and export it."""
+    from converter.checkpoint import load_lte_model
+
+    ckpt = Path(ckpt)
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
+    check_writable(Path(out))
+    model, info = load_lte_model(ckpt, dtype=DTYPES[dtype])
+    model.eval()
+    return export_model(model, out, info=info, kv_cache=kv_cache,
+                        external_data_threshold=external_data_threshold,
+                        fingerprint=metadata.checkpoint_fingerprint(ckpt))
+
