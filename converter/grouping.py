@@ -146,31 +146,45 @@ def mean_sq_distance(weight, perm, expert_size: int) -> float:
     return float((((xs - c) ** 2).sum(-1, keepdim=True) * real).sum() / real.sum())
 
 
-def _bench():
-    """Time expert_permutation at SmolLM2 and LLaMA-7B shapes; print a table."""
+def _smollm2_gates():
+    from safetensors import safe_open
+
+    from samples.default import default_model_dir
+    with safe_open(str(default_model_dir() / "model.safetensors"), "pt") as f:
+        return [f.get_tensor(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(30)]
+
+
+BENCH_CASES = {
+    "smollm2": ("SmolLM2-135M W_gate, 30 layers (1536x576)", _smollm2_gates),
+    "7b": ("LLaMA-7B-shaped random layer (11008x4096)",
+           lambda: [torch.randn(11008, 4096, generator=torch.Generator().manual_seed(0))]),
+}
+
+
+def _bench(case: str):
+    """Time expert_permutation (expert_size 32) for one case; print seconds, peak RSS of the
+    process, and cluster tightness (mean squared distance to the centroid, unit rows) of the
+    k-means grouping against a random balanced grouping. One case per process, so the peak
+    RSS is that case's."""
     import resource
-    import sys
     import time
 
     torch.set_num_threads(2)
-    cases = [("SmolLM2-135M layer (1536x576), x30 layers", 1536, 576, 30),
-             ("LLaMA-7B-shaped random layer (11008x4096)", 11008, 4096, 1)]
-    only = sys.argv[1:]
-    print(f"{'case':48} {'seconds':>8} {'peak RSS MiB':>12} {'msd kmeans':>10} {'msd random':>10}")
-    for name, n, d, layers in cases:
-        if only and not any(o in name for o in only):
-            continue
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(n, d, generator=gen)
-        t0 = time.perf_counter()
-        for layer in range(layers):
-            perm = expert_permutation(w, 32, seed=layer)
-        dt = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rand = torch.randperm(n, generator=gen)
-        print(f"{name:48} {dt:8.1f} {peak:12.0f} {mean_sq_distance(w, perm, 32):10.4f} "
-              f"{mean_sq_distance(w, rand, 32):10.4f}")
+    name, load = BENCH_CASES[case]
+    weights = load()
+    t0 = time.perf_counter()
+    perms = [expert_permutation(w, 32, seed=i) for i, w in enumerate(weights)]
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gen = torch.Generator().manual_seed(0)
+    km = sum(mean_sq_distance(w, p, 32) for w, p in zip(weights, perms)) / len(weights)
+    rnd = sum(mean_sq_distance(w, torch.randperm(w.shape[0], generator=gen), 32)
+              for w in weights) / len(weights)
+    print(f"{'case':44} {'seconds':>8} {'peak RSS MiB':>12} {'msd k-means':>11} {'msd random':>10}")
+    print(f"{name:44} {dt:8.1f} {peak:12.0f} {km:11.4f} {rnd:10.4f}")
 
 
 if __name__ == "__main__":
-    _bench()
+    import sys
+    for arg in sys.argv[1:] or list(BENCH_CASES):
+        _bench(arg)

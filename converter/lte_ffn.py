@@ -66,6 +66,7 @@ class LTEFFN(nn.Module):
                                 device=w_up.device)
         self.tau = float(tau)
         self.fold_offset = None          # set by checkpoint.fold: the offset folded in
+        self.d_ff_original = shape.d_ff  # before zero padding (set by surgery)
         self.last_scores = None
         self._act = ACT_FNS[shape.activation]
         self.set_mode(mode)

@@ -31,11 +31,12 @@ from converter.lte_ffn import MODES, ROUTER_INIT_BIAS, LTEFFN
 from plugins.spec import FFNShape
 
 
-def _blocks(model, adapter: Adapter) -> nn.ModuleList:
+def blocks(model, adapter: Adapter) -> tuple[str, nn.ModuleList]:
+    """(module name, ModuleList) of the model's transformer blocks."""
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and (name == adapter.layers
                                                   or name.endswith("." + adapter.layers)):
-            return module
+            return name, module
     raise UserError(f"Found no list of transformer blocks named `{adapter.layers}` in this "
                     f"{adapter.family} model ({type(model).__name__}). The model does not have "
                     "the module layout of the transformers release lte-convert supports.")
@@ -45,7 +46,7 @@ def lte_modules(model) -> list[tuple[int, LTEFFN]]:
     """[(layer index, LTEFFN)] in layer order; empty for an unconverted model."""
     adapter = get_adapter(model.config)
     out = []
-    for i, block in enumerate(_blocks(model, adapter)):
+    for i, block in enumerate(blocks(model, adapter)[1]):
         module = block.get_submodule(adapter.ffn)
         if isinstance(module, LTEFFN):
             out.append((i, module))
@@ -115,7 +116,7 @@ def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, 
         raise UserError(f"The checkpoint's intermediate size {d_ff} is not a multiple of its "
                         f"expert_size {expert_size}; the LTE checkpoint is inconsistent.")
     F = -(-d_ff // expert_size) * expert_size
-    for i, block in enumerate(_blocks(model, adapter)):
+    for i, block in enumerate(blocks(model, adapter)[1]):
         w = _read_ffn(block, adapter)
         assert w["w_up"].shape[0] == d_ff, (i, tuple(w["w_up"].shape), d_ff)
         if permute:
@@ -128,6 +129,7 @@ def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, 
         ffn = LTEFFN(shape, tau=tau, **_permute(w, perm))
         if permute:
             _init_router(ffn, perm < d_ff)
+            ffn.d_ff_original = d_ff
         _install(block, adapter, ffn)
     setattr(model.config, adapter.size_field, F)
     return model
