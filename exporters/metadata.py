@@ -5,8 +5,9 @@
     lte.expert_size, lte.tau, lte.activation, lte.gated
     lte.layers            JSON [layer index, ...] of the LTE FFNs, in graph order
     lte.n_experts         JSON [E per LTE layer]
-    lte.sparsity          JSON [fraction of experts skipped per LTE layer] (from the checkpoint;
-                          null where it was not measured)
+    lte.sparsity          JSON [fraction of experts skipped per LTE layer] (measured on held-out
+                          text by training, lte.json "layer_sparsity"; null when not measured)
+    lte.mean_sparsity     their mean ("None" when not measured)
     lte.source_model      the Hugging Face model the checkpoint was made from
     lte.model_type, lte.num_layers, lte.hidden_size, lte.vocab_size
     lte.dtype             float32 | float16 | bfloat16
@@ -52,9 +53,7 @@ def checkpoint_fingerprint(path: str | Path) -> str:
 
 def _sparsity_list(info: dict, layers: list[int]) -> list:
     """Per-layer sparsity from the checkpoint info, in `layers` order (None where unknown)."""
-    raw = info.get("sparsity_per_layer", info.get("sparsity"))
-    if isinstance(raw, dict):
-        return [raw.get(str(i), raw.get(i)) for i in layers]
+    raw = info.get("layer_sparsity")
     if isinstance(raw, (list, tuple)) and len(raw) == len(layers):
         return list(raw)
     return [None] * len(layers)
@@ -75,6 +74,7 @@ def build(model, modules, info: dict, *, dtype: str, kv_cache: bool, fingerprint
         "layers": json.dumps(layers),
         "n_experts": json.dumps([m.shape.n_experts for _, m in modules]),
         "sparsity": json.dumps(_sparsity_list(info, layers)),
+        "mean_sparsity": info.get("sparsity"),
         "source_model": str(info.get("source_model") or getattr(cfg, "_name_or_path", "") or ""),
         "model_type": cfg.model_type,
         "num_layers": cfg.get_text_config().num_hidden_layers,
