@@ -1,7 +1,8 @@
 """Run a TensorRT engine (.plan) from Python: the engine backend of `lte-convert validate`.
 
-Uses TensorRT's runtime and PyTorch CUDA tensors for the buffers; takes and returns numpy
-arrays (bfloat16 as ml_dtypes.bfloat16), like the ONNX Runtime backend. The lte plugins'
+Uses TensorRT's runtime and PyTorch CUDA tensors for the buffers; takes numpy arrays (cast
+to the engine's input types; bfloat16 inputs as ml_dtypes.bfloat16 or float32) and returns
+numpy arrays (bfloat16 outputs as float32): the `Backend` of exporters/backends.py. The lte plugins'
 kernels are inside the engine (AOT), so nothing from trt_plugins.plugin is imported here:
 running the engine proves it needs no Python plugin code.
 """
@@ -35,14 +36,10 @@ def _to_torch(a: np.ndarray, dtype, device):
 
 
 def _to_numpy(t) -> np.ndarray:
+    """numpy copy; bfloat16 comes back as float32 (exact), which every consumer reads."""
     import torch
 
-    t = t.cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()
 
 
 class EngineRunner:
