@@ -102,6 +102,9 @@ def _fold(op, a, b):
         return a
     if (op == "add" and a == 0) or (op == "mul" and a == 1):
         return b
+    if op in ("add", "sub") and isinstance(b, int) and isinstance(a, tuple) \
+            and a[0] == "add" and isinstance(a[2], int):          # (x + c1) ± c2 -> x + c
+        return _fold("add", a[1], a[2] + (b if op == "add" else -b))
     return (op, a, b)
 
 
