@@ -1,0 +1,270 @@
+"""Benchmark lte.SparseFFN against the dense FFN PyTorch runs for the same model.
+
+    python -m samples.bench_ffn --shapes smollm2,llama2-7b --tokens 1,4,16 --json out.json
+    lte-convert bench ...            (same options)
+
+For each shape, sparsity and token count it times, per FFN layer:
+- dense: the Hugging Face MLP as PyTorch runs it, F.linear with W_gate, W_up [F, d] and W_down
+  [d, F] (the original layout), act(gate) * up;
+- sparse: torch.ops.lte.sparse_ffn with the same weights in the kernel layout (W_down_t [F, d])
+  and a boolean expert mask per token.
+It reports median times, the speed-up, the union density (fraction of experts active for at
+least one token of the batch: the weights any implementation must read) and the fraction of
+ideal = (dense time × union density) / sparse time.
+
+Caches: every timed pass runs over `--layers` different layers' weights in turn (as many as
+the model has by default, capped by `--max-gib`), so a small FFN is not timed out of the
+last-level cache. Dense and sparse passes alternate within each repeat, so load from other
+processes on a shared machine hits both alike; the median over repeats is reported.
+
+Masks: random per token (each expert on with probability 1 − sparsity, drawn independently),
+or recorded from a real LTE model with `--masks FILE` (a safetensors file of bool tensors
+[tokens, E] per layer, keys `layer.<i>`, as samples/bench_decode.py --record-masks writes).
+
+CUDA: timed with CUDA events, eager and as CUDA-graph replays (both reported).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import plugins  # noqa: F401  (registers torch.ops.lte)
+from plugins.reference import ACT_FNS
+
+# name -> (d, d_ff, layers in the model)
+SHAPES = {"smollm2": (576, 1536, 30), "llama2-7b": (4096, 11008, 32)}
+SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
+TOKENS = (1, 4, 16, 64, 256, 2048)
+EXPERT_SIZE = 32
+
+
+def make_layers(d, F_, n_layers, dtype, device, seed=0):
+    """n_layers FFNs: gate/up [F, d] shared by both paths, W_down [d, F] (dense) and W_down_t
+    [F, d] (sparse) holding the same values."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    layers = []
+    for _ in range(n_layers):
+        w = [(torch.randn(F_, d, generator=g) / math.sqrt(d)).to(dtype) for _ in range(3)]
+        layers.append({"w_gate": w[0].to(device), "w_up": w[1].to(device),
+                       "w_down_t": w[2].to(device), "w_down": w[2].t().contiguous().to(device)})
+    return layers
+
+
+def random_masks(n_layers, tokens, E, sparsity, device, seed=0):
+    """[layer] bool [tokens, E]: each expert on with probability 1 − sparsity."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [(torch.rand(tokens, E, generator=g) >= sparsity).to(device) for _ in range(n_layers)]
+
+
+def recorded_masks(path, n_layers, tokens, E, device):
+    """Masks from a real model: layer i of the benchmark uses recorded layer i mod L, tokens
+    taken from the file's start (the file must hold at least `tokens` rows)."""
+    from safetensors.torch import load_file
+    rec = load_file(path)
+    keys = sorted(rec, key=lambda k: int(k.split(".")[-1]))
+    out = []
+    for i in range(n_layers):
+        m = rec[keys[i % len(keys)]]
+        if m.shape[-1] != E or m.shape[0] < tokens:
+            raise SystemExit(f"{path}: {keys[i % len(keys)]} has shape {tuple(m.shape)}; "
+                             f"need at least [{tokens}, {E}] for this shape.")
+        out.append(m[:tokens].bool().to(device))
+    return out
+
+
+def dense_ffn(x, L):
+    """The HF LLaMA MLP: down(act(gate(x)) * up(x)), original layouts."""
+    return F.linear(ACT_FNS["silu"](F.linear(x, L["w_gate"])) * F.linear(x, L["w_up"]),
+                    L["w_down"])
+
+
+def sparse_ffn(x, m, L):
+    return torch.ops.lte.sparse_ffn(x, m, L["w_gate"], L["w_up"], L["w_down_t"], None, None,
+                                    None, EXPERT_SIZE, "silu")
+
+
+def _time_cpu(fn, reps, clock):
+    """Seconds per call of fn() (fn runs all layers once), one value per repeat."""
+    out = []
+    for _ in range(reps):
+        t = clock()
+        fn()
+        out.append(clock() - t)
+    return out
+
+
+def time_pair(run_dense, run_sparse, reps, device, graphs, clock=time.perf_counter):
+    """Alternating repeats of both passes; returns {'dense': [...], 'sparse': [...]} seconds
+    per pass (and '..._graph' lists on CUDA when graphs is set)."""
+    run_dense(), run_sparse()                                   # warm-up
+    res = {"dense": [], "sparse": []}
+    if device.type == "cpu":
+        for _ in range(reps):
+            res["dense"] += _time_cpu(run_dense, 1, clock)
+            res["sparse"] += _time_cpu(run_sparse, 1, clock)
+        return res
+    fns = {"dense": run_dense, "sparse": run_sparse}
+    if graphs:
+        for name, fn in list(fns.items()):
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            fns[name + "_graph"] = g.replay
+            res[name + "_graph"] = []
+    for _ in range(reps):
+        for name, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            res[name].append(a.elapsed_time(b) / 1e3)
+    return res
+
+
+def bench_one(shape_name, sparsity, tokens, args, layers, device):
+    d, F_, _ = SHAPES[shape_name]
+    E = F_ // EXPERT_SIZE
+    n = len(layers)
+    if args.masks:
+        masks = recorded_masks(args.masks, n, tokens, E, device)
+    else:
+        masks = random_masks(n, tokens, E, sparsity, device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    xs = [torch.randn(tokens, d, generator=g).to(args.dtype).to(device) for _ in range(n)]
+    outs = [torch.empty(tokens, d, dtype=args.dtype, device=device) for _ in range(n)]
+
+    def run_dense():
+        for x, L, o in zip(xs, layers, outs):
+            o.copy_(dense_ffn(x, L))
+
+    def run_sparse():
+        for x, m, L, o in zip(xs, masks, layers, outs):
+            o.copy_(sparse_ffn(x, m, L))
+
+    with torch.inference_mode():
+        t = time_pair(run_dense, run_sparse, args.reps, device, graphs=device.type == "cuda",
+                      clock=time.process_time if args.clock == "cpu" else time.perf_counter)
+    union = statistics.mean(float(m.any(0).float().mean()) for m in masks)
+    row = {"shape": shape_name, "d": d, "d_ff": F_, "sparsity": sparsity, "tokens": tokens,
+           "layers_rotated": n, "dtype": str(args.dtype).replace("torch.", ""),
+           "device": device.type, "union_density": union, "clock": args.clock,
+           "threads": torch.get_num_threads(),
+           "masks": "recorded" if args.masks else "random"}
+    for name, v in t.items():
+        row[f"{name}_ms"] = statistics.median(v) / n * 1e3     # per layer
+    for suffix in ("", "_graph"):
+        if f"dense{suffix}_ms" in row:
+            dn, sp = row[f"dense{suffix}_ms"], row[f"sparse{suffix}_ms"]
+            row[f"speedup{suffix}"] = dn / sp
+            row[f"fraction_of_ideal{suffix}"] = (dn * union) / sp if union else float("nan")
+    return row
+
+
+def print_table(rows):
+    from rich.console import Console
+    from rich.table import Table
+
+    graphs = any("speedup_graph" in r for r in rows)
+    table = Table(title="lte.SparseFFN vs dense PyTorch (median ms per FFN layer)")
+    cols = ["shape", "dtype", "sparsity", "tokens", "union", "dense ms", "sparse ms", "speed-up",
+            "of ideal"]
+    if graphs:
+        cols += ["dense graph ms", "sparse graph ms", "graph speed-up", "graph of ideal"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        cells = [r["shape"], r["dtype"], f"{r['sparsity']:.2f}", str(r["tokens"]),
+                 f"{r['union_density']:.2f}", f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}",
+                 f"{r['speedup']:.2f}x", f"{r['fraction_of_ideal']:.2f}"]
+        if graphs:
+            cells += [f"{r['dense_graph_ms']:.3f}", f"{r['sparse_graph_ms']:.3f}",
+                      f"{r['speedup_graph']:.2f}x", f"{r['fraction_of_ideal_graph']:.2f}"]
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def _floats(s):
+    return [float(v) for v in s.split(",")]
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",")]
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--sparsity", type=_floats, default=list(SPARSITIES))
+    p.add_argument("--tokens", type=_ints, default=list(TOKENS))
+    p.add_argument("--dtype", default=None, help="float32|bfloat16|float16 (default: fp32 on "
+                   "CPU, bf16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda when available)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers' weights to rotate over (default: the model's layer count, "
+                        "capped by --max-gib)")
+    p.add_argument("--max-gib", type=float, default=4.0,
+                   help="memory cap for the rotated weights (default 4 GiB)")
+    p.add_argument("--reps", type=int, default=15, help="repeats; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time, with 1 thread "
+                        "(robust on a machine shared with other jobs: time spent descheduled "
+                        "is not counted; memory-bandwidth contention still is)")
+    p.add_argument("--masks", default=None, help="recorded masks (safetensors, keys layer.<i>)")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            raise SystemExit("--clock cpu is for CPU runs only")
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for shape_name in args.shapes.split(","):
+        if shape_name not in SHAPES:
+            raise SystemExit(f"unknown shape {shape_name!r}; choose from {list(SHAPES)}")
+        d, F_, model_layers = SHAPES[shape_name]
+        per_layer = 4 * F_ * d * torch.finfo(args.dtype).bits / 8  # gate, up, down, down_t
+        n = args.layers or max(1, min(model_layers, int(args.max_gib * 2**30 // per_layer)))
+        layers = make_layers(d, F_, n, args.dtype, device)
+        for tokens in args.tokens:
+            for sparsity in args.sparsity:
+                row = bench_one(shape_name, sparsity, tokens, args, layers, device)
+                rows.append(row)
+                print(f"{shape_name} tokens={tokens} sparsity={sparsity}: dense "
+                      f"{row['dense_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
+                      f"{row['speedup']:.2f}x (union {row['union_density']:.2f}, layers {n})",
+                      flush=True)
+        del layers
+    print_table(rows)
+    if args.json:
+        from converter.atomic import atomic_path
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps({"torch": torch.__version__,
+                                             "threads": torch.get_num_threads(),
+                                             "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
