@@ -10,7 +10,7 @@ where <hidden> are the scratch pointers Triton >= 3.3 appends to every kernel; T
 passes null for them, so a kernel must need no scratch memory. This module computes all of
 that as plain data (a `Launch`) from the one kernel source, plugins/triton_kernels.py:
 
-    launch_config (plugins)  ──►  signature, constexprs, num_warps, grid, scalars
+    launch_configs (plugins)  ──►  constexprs, num_warps, num_stages, grid (one per tactic)
     triton.compile(ASTSource, GPUTarget("cuda", arch, 32))  ──►  PTX + metadata
     checks: scratch == 0, one CTA, shared memory < 48 KiB, parameter list as TensorRT calls it
 
@@ -282,7 +282,6 @@ def build_launch(op: str, fn, *, arch: int, dtype: str, tactic: int, inputs: tup
 # ---------------------------------------------------------------------------------------------
 
 _KERNEL_OP = {spec.OP_UP: "up", spec.OP_DOWN: "down"}   # spec op -> launch_config's op name
-TOKENS_PROBED = 4096   # launch_config is asked for T = 1..this to list every config it uses
 
 
 def _torch_dtype(dtype: str):
@@ -301,12 +300,7 @@ def configs(op: str, *, d: int, F: int, expert_size: int, dtype: str) -> tuple:
     """
     from plugins import triton_kernels as tk
 
-    seen = []
-    for T in range(1, TOKENS_PROBED + 1):
-        cfg = tk.launch_config(_KERNEL_OP[op], T, d, F, expert_size, _torch_dtype(dtype))
-        if cfg not in seen:
-            seen.append(cfg)
-    return tuple(seen)
+    return tuple(tk.launch_configs(_KERNEL_OP[op], d, F, expert_size, _torch_dtype(dtype)))
 
 
 def tactics(op: str, *, arch: int, dtype: str, d: int, F: int, expert_size: int,
