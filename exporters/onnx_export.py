@@ -126,6 +126,8 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
     kwargs, shapes = wrappers.sample_inputs(model, kv_cache, model.config.get_text_config().vocab_size)
     _check_outputs_finite(wrapper, kwargs, dtype)
 
+    # torch.onnx logs a warning per torchvision op it cannot register; they are noise here
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -1,0 +1,116 @@
+"""The one-shot job: `lte-convert [MODEL] --out model.onnx` = train → fold → export → validate.
+
+    MODEL (default: the embedded SmolLM2-135M) ─► held-out perplexity, dense
+        ─► converter.train.train_lte (stage 1, calibrate, stage 2, fold, save the checkpoint)
+        ─► held-out perplexity and measured sparsity of the folded LTE model
+        ─► export (exporters.onnx_export) ─► validate ONNX Runtime vs PyTorch
+        ─► summary
+
+With no --data, the text is Shakespeare (train / held-out plays), as for `lte-convert train`.
+The checkpoint goes to `<out stem>-lte/` beside the ONNX file unless --checkpoint says
+otherwise; the output path is checked for writability before training starts.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+EVAL_BLOCKS = 16      # held-out blocks for the before/after perplexity (evenly spread)
+
+
+def default_checkpoint(out: Path) -> Path:
+    return out.with_name(out.stem + "-lte")
+
+
+def _heldout_perplexity(model_dir, data, heldout, task_model=None):
+    """(perplexity, sparsity) on held-out blocks; the dense model when task_model is None."""
+    from converter.data import load_blocks, spread
+    from converter.evaluate import measure
+    from converter.train import TrainConfig, load_lm
+
+    cfg = TrainConfig()
+    model, tokenizer, task = load_lm(model_dir)
+    blocks = load_blocks(tokenizer, data, cfg.block_size, heldout=heldout,
+                         heldout_fraction=cfg.heldout_fraction)
+    eval_blocks = spread(blocks.heldout, EVAL_BLOCKS)
+    if task_model is not None:
+        model = task_model
+    m = measure(model, eval_blocks, batch_size=cfg.batch_size, task=task, tokenizer=tokenizer)
+    return m.perplexity, m.sparsity, m.layer_sparsity
+
+
+def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, data=None,
+                 checkpoint=None, dtype: str = "fp32", kv_cache: bool = True,
+                 overwrite: bool = False, resume: bool = False,
+                 external_data_threshold: int | None = None, echo=print) -> dict:
+    """Run the whole job; returns a dict of what was measured and written (see `summary`)."""
+    from converter.checkpoint import load_lte_model
+    from converter.train import check_output_dir, check_sparsity, train_lte
+    from exporters import onnx_export
+    from exporters.validate import format_table, validate
+
+    out = Path(out)
+    ckpt = Path(checkpoint) if checkpoint else default_checkpoint(out)
+    check_sparsity(sparsity)
+    onnx_export.check_writable(out)
+    if not resume:
+        check_output_dir(ckpt, overwrite)
+    heldout = None
+    if model_dir is None:
+        from samples.default import default_model_dir
+        model_dir = default_model_dir()
+    if data is None:                 # as train_lte: Shakespeare's train / held-out plays
+        from samples.default import shakespeare_texts
+        data, heldout = shakespeare_texts()
+    times = {}
+
+    t = time.time()
+    echo(f"[1/4] held-out perplexity of the dense model {model_dir}")
+    ppl_before, _, _ = _heldout_perplexity(model_dir, data, heldout)
+    echo(f"[2/4] training LTE routers (target sparsity {sparsity:.0%}) -> {ckpt}")
+    train_lte(model_dir, data, ckpt, sparsity, heldout=heldout, resume=resume, overwrite=True)
+    lte_model, info = load_lte_model(ckpt)
+    ppl_after, measured, layer_sparsity = _heldout_perplexity(model_dir, data, heldout, lte_model)
+    del lte_model
+    times["train"] = time.time() - t
+
+    t = time.time()
+    echo(f"[3/4] exporting {ckpt} -> {out} ({dtype})")
+    kwargs = {} if external_data_threshold is None else {
+        "external_data_threshold": external_data_threshold}
+    exported = onnx_export.export_checkpoint(ckpt, out, dtype=dtype, kv_cache=kv_cache, **kwargs)
+    times["export"] = time.time() - t
+
+    t = time.time()
+    echo("[4/4] validating ONNX Runtime against PyTorch")
+    report = validate(out, ckpt)
+    echo(format_table(report))
+    times["validate"] = time.time() - t
+    return {"model": str(model_dir), "checkpoint": str(ckpt), "target_sparsity": sparsity,
+            "sparsity": measured, "layer_sparsity": layer_sparsity,
+            "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+            "export": exported, "validation": report, "seconds": times}
+
+
+def summary(r: dict) -> str:
+    v, e = r["validation"], r["export"]
+    files = [r["checkpoint"] + "/", e["path"]] + ([e["data_path"]] if e["data_path"] else [])
+    files.append(v["report_path"])
+    worst = max(s["max_abs"] for s in v["steps"].values())
+    top1 = min(s["top1_agreement"] for s in v["steps"].values())
+    secs = r["seconds"]
+    return "\n".join([
+        "",
+        "summary",
+        f"  model               {r['model']}",
+        f"  sparsity            {r['sparsity']:.1%} measured on held-out text "
+        f"(target {r['target_sparsity']:.0%}; per layer "
+        f"{min(r['layer_sparsity']):.0%}–{max(r['layer_sparsity']):.0%})",
+        f"  perplexity          {r['perplexity_before']:.2f} dense -> {r['perplexity_after']:.2f} LTE",
+        f"  validation          {'PASSED' if v['passed'] else 'FAILED'} "
+        f"(ONNX Runtime vs PyTorch, {v['compute_dtype']}: max |Δ logits| {worst:.2g}, "
+        f"top-1 {top1:.1%})",
+        f"  time                train {secs['train']:.0f} s, export {secs['export']:.0f} s, "
+        f"validate {secs['validate']:.0f} s",
+        "  files               " + "\n                      ".join(files),
+    ])
