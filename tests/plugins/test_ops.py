@@ -1,0 +1,191 @@
+"""plugins/ops.py: the lte custom ops (opcheck, torch.compile, autograd, CUDA when present),
+the entry point LTE modules call, and the errors bad inputs get."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import plugins  # noqa: F401  (registers torch.ops.lte)
+from plugins import ops
+from plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
+                               sparse_ffn_up_reference)
+from plugins.spec import FFNShape
+
+D, F, S = 24, 96, 16
+E = F // S
+
+
+def weights(gated=True, bias=True, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
+    return [r(F, D) if gated else None, r(F, D), r(F, D), r(F) if gated and bias else None,
+            r(F) if bias else None, r(D) if bias else None]
+
+
+def inputs(lead=(2, 3), seed=1, **kw):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, D, generator=g)
+    mask = torch.rand(*lead, E, generator=g) < 0.5
+    return x, mask, weights(**kw)
+
+
+@pytest.mark.parametrize("gated,bias", [(True, True), (True, False), (False, True)])
+def test_opcheck_all_ops(gated, bias):
+    x, mask, (wg, wu, wd, bg, bu, bd) = inputs(gated=gated, bias=bias)
+    opcheck(torch.ops.lte.sparse_ffn, (x, mask, wg, wu, wd, bg, bu, bd, S, "silu"))
+    opcheck(torch.ops.lte.sparse_ffn_up, (x, mask, wg, wu, bg, bu, S, "gelu"))
+    h = torch.randn(2, 3, F)
+    opcheck(torch.ops.lte.sparse_ffn_down, (h, mask, wd, bd, S))
+
+
+def test_ops_match_reference():
+    x, mask, (wg, wu, wd, bg, bu, bd) = inputs()
+    y = torch.ops.lte.sparse_ffn(x, mask, wg, wu, wd, bg, bu, bd, S, "silu")
+    torch.testing.assert_close(
+        y, sparse_ffn_reference(x, mask, wg, wu, wd, bg, bu, bd, S, "silu"), rtol=1e-5, atol=1e-5)
+    h = torch.ops.lte.sparse_ffn_up(x, mask, wg, wu, bg, bu, S, "relu")
+    torch.testing.assert_close(
+        h, sparse_ffn_up_reference(x, mask, wg, wu, bg, bu, S, "relu", True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.ops.lte.sparse_ffn_down(h, mask, wd, bd, S),
+        sparse_ffn_down_reference(h, mask, wd, bd, S), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    x, mask, w = inputs()
+    shape = FFNShape(d=D, d_ff=F, expert_size=S, activation="silu", gated=True)
+
+    def f(x, mask):
+        return ops.sparse_ffn(x * 2, mask, *w, shape) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, mask), f(x, mask))
+    x2, mask2, _ = inputs(lead=(5,), seed=3)                       # new shape: recompiles
+    torch.testing.assert_close(compiled(x2, mask2), f(x2, mask2))
+
+
+def test_torch_compile_inductor():
+    x, mask, w = inputs()
+    fn = torch.compile(lambda x, m: torch.ops.lte.sparse_ffn(x, m, *w, S, "silu"),
+                       fullgraph=True)
+    torch.testing.assert_close(fn(x, mask),
+                               sparse_ffn_reference(x, mask, *w, S, "silu"), rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_matches_reference():
+    x, mask, w = inputs()
+    x.requires_grad_()
+    for t in w:
+        t.requires_grad_()
+    leaves = [x, w[0], w[1], w[2], w[3], w[4], w[5]]
+    g = torch.autograd.grad(torch.ops.lte.sparse_ffn(x, mask, *w, S, "silu").square().sum(),
+                            leaves)
+    g_ref = torch.autograd.grad(sparse_ffn_reference(x, mask, *w, S, "silu").square().sum(),
+                                leaves)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_entry_point_runs_the_op_and_checks_gating():
+    x, mask, w = inputs()
+    shape = FFNShape(d=D, d_ff=F, expert_size=S, activation="silu", gated=True)
+    torch.testing.assert_close(ops.sparse_ffn(x, mask, *w, shape),
+                               torch.ops.lte.sparse_ffn(x, mask, *w, S, "silu"))
+    with pytest.raises(ValueError, match="shape says gated=False but w_gate is given"):
+        ops.sparse_ffn(x, mask, *w, FFNShape(D, F, S, "silu", gated=False))
+
+
+def test_entry_point_emits_onnx_nodes_under_torch_export():
+    """While exporting, LTE modules get exporters.symbolic's node pair, not the kernel."""
+    pytest.importorskip("exporters.symbolic")
+    x, mask, w = inputs(lead=(3,))
+    shape = FFNShape(d=D, d_ff=F, expert_size=S, activation="silu", gated=True)
+
+    class M(torch.nn.Module):
+        def forward(self, x, mask):
+            return ops.sparse_ffn(x, mask, *w, shape)
+
+    graph = str(torch.export.export(M(), (x, mask)).graph)
+    assert "lte.sparse_ffn" not in graph
+    assert "SparseFFNUp" in graph and "SparseFFNDown" in graph
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: a ValueError naming what was expected and what was given
+# ---------------------------------------------------------------------------------------------
+def _call(x, mask, w, act="silu", s=S):
+    return torch.ops.lte.sparse_ffn(x, mask, *w, s, act)
+
+
+def test_error_wrong_dtype():
+    x, mask, w = inputs()
+    with pytest.raises(ValueError, match=r"x has dtype torch.float64; expected one of"):
+        _call(x.double(), mask, w)
+    w_bf = list(w)
+    w_bf[1] = w[1].bfloat16()
+    with pytest.raises(ValueError, match=r"w_up has dtype torch.bfloat16 but x has torch.float32"):
+        _call(x, mask, w_bf)
+    with pytest.raises(ValueError, match=r"mask has dtype torch.int64; expected torch.bool"):
+        _call(x, mask.long(), w)
+
+
+def test_error_wrong_expert_count():
+    x, mask, w = inputs()
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 3, 5\); expected \(2, 3, 6\)"):
+        _call(x, mask[..., :5], w)
+    with pytest.raises(ValueError, match=r"w_up has 96 rows, not a multiple of expert_size=7"):
+        _call(x, mask, w, s=7)
+
+
+def test_error_mismatched_shapes():
+    x, mask, w = inputs()
+    with pytest.raises(ValueError, match=r"mask has shape \(3, 2, 6\); expected \(2, 3, 6\)"):
+        _call(x, mask.transpose(0, 1).contiguous(), w)
+    with pytest.raises(ValueError, match=r"w_gate has shape \(96, 25\); expected \(96, 24\)"):
+        _call(x, mask, [torch.randn(F, D + 1)] + w[1:])
+    with pytest.raises(ValueError, match=r"b_down has shape \(23,\); expected \(24,\)"):
+        _call(x, mask, w[:5] + [torch.randn(D - 1)])
+
+
+def test_error_transposed_w_down():
+    x, mask, w = inputs()
+    w_t = w[:2] + [w[2].t().contiguous()] + w[3:]
+    with pytest.raises(ValueError, match=r"w_down_t has shape \(24, 96\); expected \(96, 24\) "
+                                         r"\(W_down must be stored transposed"):
+        _call(x, mask, w_t)
+    h = torch.randn(2, 3, F)
+    with pytest.raises(ValueError, match=r"w_down_t has shape|h has shape"):
+        torch.ops.lte.sparse_ffn_down(h, mask, w[2].t().contiguous(), None, S)
+
+
+def test_error_non_contiguous_weights():
+    x, mask, w = inputs()
+    w_nc = [torch.randn(D, F).t()] + w[1:]                       # right shape, wrong layout
+    with pytest.raises(ValueError, match=r"w_gate is not contiguous"):
+        _call(x, mask, w_nc)
+
+
+def test_error_unknown_activation():
+    x, mask, w = inputs()
+    with pytest.raises(ValueError, match=r"activation 'swish' is not supported; expected one of "
+                                         r"silu, gelu, gelu_tanh, relu"):
+        _call(x, mask, w, act="swish")
+
+
+def test_non_contiguous_x_and_mask_are_fine():
+    x, mask, w = inputs(lead=(4, 3))
+    xt, mt = x.transpose(0, 1), mask.transpose(0, 1)
+    torch.testing.assert_close(_call(xt, mt, w), sparse_ffn_reference(xt, mt, *w, S, "silu"),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_cuda_matches_reference(tokens):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, D, generator=g).bfloat16().cuda()
+    mask = (torch.rand(tokens, E, generator=g) < 0.5).cuda()
+    w = weights(dtype=torch.bfloat16, device="cuda")
+    y = torch.ops.lte.sparse_ffn(x, mask, *w, S, "silu")
+    ref = sparse_ffn_reference(x, mask, *w, S, "silu")
+    assert float((y.float() - ref.float()).norm() / ref.float().norm()) <= 1e-2
