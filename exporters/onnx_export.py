@@ -16,6 +16,7 @@ through a ModelProto, which doubles it and fails past 2 GB.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
