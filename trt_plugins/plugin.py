@@ -96,7 +96,7 @@ def _define(op, inputs, attrs, weight, out_dim):
                             "float16, bfloat16, float32. Re-export the model in one of them.")
         w = a[weight]
         F, d = (_constant(w.shape_expr[i], f"{weight}.shape[{i}]") for i in (0, 1))
-        kw = {n: a[n] for n in attrs}
+        kw = {n: t(a[n]) for n, t in attrs.items()}          # plain int / str
         return dict(arch=aot.ptx_arch(*aot.current_device_capability()),
                     dtype=DATA_TYPES[x.dtype], d=d, F=F, **kw)
 
@@ -110,7 +110,7 @@ def _define(op, inputs, attrs, weight, out_dim):
                                 ret=Tuple[Union[str, bytes], Union[str, bytes],
                                           trtp.KernelLaunchParams, trtp.SymIntExprs]))
     def aot_impl(a):
-        launch = aot.compile_op(op, tactic=a["tactic"], **sizes(a))
+        launch = aot.compile_op(op, tactic=int(a["tactic"]), **sizes(a))
         env = {"T": _tokens(a[first])}
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = (
