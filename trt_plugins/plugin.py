@@ -110,7 +110,8 @@ def _define(op, inputs, attrs, weight, out_dim):
                                 ret=Tuple[Union[str, bytes], Union[str, bytes],
                                           trtp.KernelLaunchParams, trtp.SymIntExprs]))
     def aot_impl(a):
-        launch = aot.compile_op(op, tactic=int(a["tactic"]), **sizes(a))
+        tactic = int(a["tactic"]) or 1           # 0 = TensorRT's default tactic: our first
+        launch = aot.compile_op(op, tactic=tactic, **sizes(a))
         env = {"T": _tokens(a[first])}
         params = trtp.KernelLaunchParams()
         params.grid_x, params.grid_y, params.grid_z = (
