@@ -27,7 +27,7 @@ INSTALL_HINT = (
     "Install TensorRT >= 10.9 for your CUDA version on a machine with an NVIDIA GPU, e.g. "
     "`pip install 'lte-convert[tensorrt]'` or `pip install 'tensorrt-cu12>=10.9'` (the wheels "
     "download from NVIDIA's index), then rerun. Without TensorRT, validate and serve the ONNX "
-    "file with ONNX Runtime (`lte-convert validate model.onnx`).")
+    "file with ONNX Runtime (`lte-convert validate model.onnx --reference CHECKPOINT`).")
 
 # Default ranges (min, opt, max) for the dynamic dims the exporter names.
 DEFAULT_DIMS = {
@@ -237,13 +237,24 @@ def build_engine(onnx_path, engine_path, *, dims: dict | None = None, allow_dens
 
     logger = make_logger(trt, verbose)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    flags = trt.NetworkDefinitionCreationFlag
+    # strongly typed: every tensor keeps the ONNX file's type (TensorRT 11: always so)
+    network = builder.create_network(
+        1 << int(flags.STRONGLY_TYPED) if hasattr(flags, "STRONGLY_TYPED") else 0)
     parser = trt.OnnxParser(network, logger)
     if hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):      # TensorRT >= 10.15
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
     if not parser.parse(prepared.model.SerializeToString(), str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UserError(f"TensorRT could not parse {onnx_path}: {errors}")
+    plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3
+                  for i in range(network.num_layers))
+    if plugins < prepared.n_lte_nodes:
+        raise UserError(
+            f"TensorRT {trt.__version__} turned only {plugins} of the {prepared.n_lte_nodes} lte "
+            "nodes into plugins (it expanded the others' ONNX function bodies, which compute "
+            "every expert). Use TensorRT >= 10.9, whose parser maps nodes with "
+            "plugin_namespace='lte' to the registered plugins.")
 
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
