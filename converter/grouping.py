@@ -24,7 +24,7 @@ construction (no rounding repair step), costs one sort and one pass per iteratio
 PyTorch, and k-means iterations wash out its small suboptimality; an exact transport solve is
 O(n·E) memory and far slower at 7B shapes, and Sinkhorn needs the dense n×E plan too.
 
-Timings (results/grouping.md): `python -m converter.grouping` on 2 CPU cores.
+Timings (results/grouping.md): `python -m converter.grouping smollm2|7b` on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _kmeans_pp(x, n_clusters, gen):
     for _ in range(1, n_clusters):
         total = float(dist.sum())
         if total <= 0:            # all remaining rows coincide with a centre: take any unused
-            nxt = next(i for i in range(n) if i not in set(idx))
+            used = set(idx)
+            nxt = next(i for i in range(n) if i not in used)
         else:
             nxt = int(torch.multinomial(dist / total, 1, generator=gen))
         idx.append(nxt)
@@ -64,7 +65,7 @@ def _balanced_assign(x, centroids, capacity):
     n, E = x.shape[0], centroids.shape[0]
     c_sq = (centroids * centroids).sum(1)
     room = [capacity] * E
-    assign = torch.full((n,), -1, dtype=torch.long)
+    assign = [-1] * n
     pending = torch.arange(n)
     open_ = torch.arange(E)
     while pending.numel():
@@ -75,10 +76,10 @@ def _balanced_assign(x, centroids, capacity):
             s = _scores(x[rows], centroids[open_], c_sq[open_])
             v, i = s.topk(k, dim=1)                              # [chunk, k]
             best.append(v)
-            cand.append(open_[i.cpu()])
+            cand.append(open_[i])
         best, cand = torch.cat(best), torch.cat(cand)
         regret = best[:, 0] - best[:, 1] if k > 1 else best[:, 0]
-        order = torch.argsort(regret.cpu(), descending=True, stable=True)
+        order = torch.argsort(regret, descending=True, stable=True)
         cand_l, pend_l, left = cand.tolist(), pending.tolist(), []
         for p in order.tolist():
             for e in cand_l[p]:
@@ -90,11 +91,11 @@ def _balanced_assign(x, centroids, capacity):
                 left.append(pend_l[p])
         pending = torch.tensor(sorted(left), dtype=torch.long)
         open_ = torch.tensor([e for e in range(E) if room[e]], dtype=torch.long)
-    return assign
+    return torch.tensor(assign, dtype=torch.long)
 
 
 def balanced_kmeans(x, n_clusters: int, capacity: int, seed: int = 0, max_iter: int = 30):
-    """Rows x [n, d] (unit norm) -> (assign [n] long, centroids [E, d]); every cluster gets at
+    """CPU rows x [n, d] (unit norm) -> (assign [n], centroids [E, d]); every cluster gets at
     most `capacity` rows, exactly `capacity` when n == n_clusters·capacity."""
     n = x.shape[0]
     assert n <= n_clusters * capacity, (n, n_clusters, capacity)
@@ -107,22 +108,22 @@ def balanced_kmeans(x, n_clusters: int, capacity: int, seed: int = 0, max_iter: 
             break
         assign = new
         counts = torch.bincount(assign, minlength=n_clusters).clamp_min(1).to(x.dtype)
-        centroids = torch.zeros_like(centroids).index_add_(0, assign.to(x.device), x)
-        centroids /= counts.to(x.device)[:, None]
+        centroids = torch.zeros_like(centroids).index_add_(0, assign, x)
+        centroids /= counts[:, None]
     return assign, centroids
 
 
 def expert_permutation(weight, expert_size: int, seed: int = 0):
     """Neuron order [F] that makes each balanced k-means cluster a contiguous expert.
 
-    weight: W_gate or W_up rows [n, d] (any dtype/device). F = ceil(n / expert_size)·expert_size.
+    weight: W_gate or W_up rows [n, d] (any dtype/device; grouped in fp32 on the CPU). F = ceil(n / expert_size)·expert_size.
     perm[j] = the original neuron placed at position j; values ≥ n are zero-padding neurons,
     which fill each cluster's free slots. Clusters are ordered by their smallest neuron index,
     and neurons ascending within a cluster, so the result depends only on the weights and seed.
     """
     n = weight.shape[0]
     E = math.ceil(n / expert_size)
-    x = F.normalize(weight.detach().float(), dim=1)
+    x = F.normalize(weight.detach().float().cpu(), dim=1)     # CPU: same grouping everywhere
     assign, _ = balanced_kmeans(x, E, expert_size, seed)
     members = [[] for _ in range(E)]
     for i, e in enumerate(assign.tolist()):
@@ -165,11 +166,10 @@ def _bench(case: str):
     """Time expert_permutation (expert_size 32) for one case; print seconds, peak RSS of the
     process, and cluster tightness (mean squared distance to the centroid, unit rows) of the
     k-means grouping against a random balanced grouping. One case per process, so the peak
-    RSS is that case's."""
+    RSS is that case's. Threads: torch's default (set OMP_NUM_THREADS to choose)."""
     import resource
     import time
 
-    torch.set_num_threads(2)
     name, load = BENCH_CASES[case]
     weights = load()
     t0 = time.perf_counter()
@@ -180,6 +180,7 @@ def _bench(case: str):
     km = sum(mean_sq_distance(w, p, 32) for w, p in zip(weights, perms)) / len(weights)
     rnd = sum(mean_sq_distance(w, torch.randperm(w.shape[0], generator=gen), 32)
               for w in weights) / len(weights)
+    print(f"threads: {torch.get_num_threads()}")
     print(f"{'case':44} {'seconds':>8} {'peak RSS MiB':>12} {'msd k-means':>11} {'msd random':>10}")
     print(f"{name:44} {dt:8.1f} {peak:12.0f} {km:11.4f} {rnd:10.4f}")
 

@@ -76,3 +76,25 @@ def test_real_glassllm_converted_is_function_identical():
     pad = (m.w_gate.abs().sum(1) == 0) & (m.w_up.abs().sum(1) == 0) & (m.w_down_t.abs().sum(1) == 0)
     assert int(pad.sum()) == 11
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_identical_and_zero_rows_still_give_full_experts():
+    w = torch.cat([torch.ones(40, 8), torch.zeros(24, 8)])      # dead neurons are all-zero rows
+    perm = expert_permutation(w, 16, seed=0)
+    assert sorted(perm.tolist()) == list(range(64))
+    ones = (perm.view(4, 16) < 40).sum(1).tolist()            # 40 = 16 + 16 + 8: one expert
+    assert sum(0 < k < 16 for k in ones) == 1, ones              # must mix, no more
+
+
+@pytest.mark.slow
+def test_real_smollm2_converted_is_function_identical():
+    from samples.default import default_model_dir
+    model = transformers.LlamaForCausalLM.from_pretrained(default_model_dir()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        convert_model(model, expert_size=32)
+        out = model(input_ids=ids).logits
+    assert len(lte_modules(model)) == 30 and lte_modules(model)[0][1].shape.n_experts == 48
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
