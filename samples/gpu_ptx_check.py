@@ -21,7 +21,7 @@ of the development machine's Triton with ptxas. Needs: torch (CUDA), triton, cup
 TensorRT, no install of this project (run from the repository root with PYTHONPATH=.).
 
     PYTHONPATH=. python samples/gpu_ptx_check.py            # table + $OUT/gpu_ptx_check.json
-    PYTHONPATH=. python samples/gpu_ptx_check.py --dry-run  # compile + plan only (no GPU)
+    PYTHONPATH=. python samples/gpu_ptx_check.py --dry-run  # no GPU: compile, plan, ptxas -v
 
 Exit code 0 when every launch matches, 1 otherwise. Takes about a minute on an H100 box.
 """
@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -259,6 +260,8 @@ def main(argv=None):
                    hidden_pointers=launch.hidden_pointers, n_args=len(kargs),
                    grid=[aot.to_str(g) for g in launch.grid], grid_at_130=list(grid),
                    scalars=[[n, aot.to_str(e)] for n, e in launch.scalars], ok=None)
+        if args.dry_run and shutil.which("ptxas"):
+            row["ptxas"] = aot.assemble(launch, shutil.which("ptxas"))
         if not args.dry_run:
             key = (launch.kernel_name, hash(launch.ptx))
             try:
@@ -274,7 +277,8 @@ def main(argv=None):
                 results.append(row)
                 continue
         results.append(row)
-        err = "        -         -       -" if args.dry_run else (
+        regs = row.get("ptxas", {}).get("registers", "-")
+        err = f"{'regs ' + str(regs):>19} {'-':>7}" if args.dry_run else (
             f"{row['max_err_ref']:9.2e} "
             + (f"{row['max_err_torch']:9.2e}" if row["max_err_torch"] is not None else f"{'-':>9}")
             + f" {row['tolerance']:7.0e}")

@@ -353,6 +353,31 @@ def compile_op(op: str, *, arch: int, dtype: str, tactic: int, d: int, F: int,
                         **common)
 
 
+def assemble(launch: Launch, ptxas: str = "ptxas") -> dict:
+    """Assemble the launch's PTX with `ptxas -v` for its target (a check that needs the CUDA
+    toolkit, not a GPU). Returns registers per thread, spill bytes and static shared memory;
+    raises RuntimeError with ptxas' message when it fails."""
+    import subprocess
+    import tempfile
+
+    target = "sm_90a" if launch.arch == 90 else f"sm_{launch.arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as f:
+            f.write(launch.ptx)
+        r = subprocess.run([ptxas, f"-arch={target}", "-v", src, "-o", f"{tmp}/k.cubin"],
+                           capture_output=True, text=True)
+    report = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {launch.op} sm_{launch.arch}: {report.strip()}")
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else 0  # noqa: E731
+    return {"entry": re.search(r"entry function '(\w+)'", report).group(1),
+            "registers": num(r"Used (\d+) registers"),
+            "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads"),
+            "static_shared": num(r"(\d+) bytes smem")}
+
+
 # ---------------------------------------------------------------------------------------------
 # Which PTX a GPU runs
 # ---------------------------------------------------------------------------------------------
