@@ -176,3 +176,11 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.blocks[i]}
+
+
+def spread(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """k blocks evenly spaced over `blocks` (all of them when there are at most k): a sample
+    of the whole held-out text rather than its beginning (a play's cast list, say)."""
+    if len(blocks) <= k:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, k).round().long()]

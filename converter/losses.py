@@ -40,7 +40,7 @@ def router_loss(scores: list[torch.Tensor], eta: float, lam: float = LAMBDA,
     """η·L_eff + λ·L_sep, and the two terms' values (for logging)."""
     l_eff = efficiency_loss(scores)
     l_sep = separability_loss(scores, tau)
-    return eta * l_eff + lam * l_sep, {"l_eff": float(l_eff), "l_sep": float(l_sep)}
+    return eta * l_eff + lam * l_sep, {"l_eff": float(l_eff.detach()), "l_sep": float(l_sep.detach())}
 
 
 def fraction_off(scores: list[torch.Tensor], tau: float = TAU) -> torch.Tensor:

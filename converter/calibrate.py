@@ -1,0 +1,131 @@
+"""Hit a requested sparsity: one global router-bias shift, found on held-out data.
+
+The trained routers decide *which* experts a token needs and, through the global efficiency
+loss, how sparsity is spread over layers (the paper's layers settle at different
+sparsities). Calibration keeps both and moves only the overall level: it adds the same δ to
+every router's bias, so the mask becomes z + δ > threshold in every layer, and searches δ so
+that the measured sparsity (converter/evaluate.py: fraction of experts off, over held-out
+tokens, averaged over layers) equals the target.
+
+Why one global shift rather than a shift per layer: per-layer targets would force every layer
+to the same sparsity and throw away the allocation the routers learned (early and late layers
+usually want fewer experts off than the middle). A global δ has one unknown, and sparsity is
+monotone in it for a fixed input; the only non-linearity is that layer l's mask changes layer
+l+1's input, which is why every step measures with a real forward pass.
+
+Search: a Newton-like step from the router margins of the last pass (the δ that would give the
+target if inputs did not move: a quantile of the pooled margins), kept inside the bracket
+[lo, hi] that the measured points establish, with bisection when the step leaves the bracket.
+It stops at |sparsity − target| ≤ tol (default 0.002, well inside the ±0.02 promise) or after
+`max_iter` passes, returning the best point seen. Two or three passes are typical.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from converter.evaluate import measure
+
+
+@dataclass
+class Calibration:
+    offset: float                  # δ to add to every router bias
+    sparsity: float                # measured at δ on the calibration blocks
+    layer_sparsity: list[float]
+    uncalibrated_sparsity: float   # measured at δ = 0
+    passes: int
+
+
+@torch.no_grad()
+def shift_routers(model, delta: float):
+    """Add `delta` to every LTE router's bias (in place)."""
+    from converter.surgery import lte_modules
+
+    for _, m in lte_modules(model):
+        m.router.bias.add_(delta)
+
+
+def _newton(margins: list[torch.Tensor], target: float) -> float:
+    """d such that mean_l fraction(margin_l + d ≤ 0) ≈ target, inputs held fixed."""
+    pooled = torch.cat([m.float() for m in margins if m.numel()])
+    return -float(torch.quantile(pooled[torch.randperm(len(pooled),
+                                                       generator=torch.Generator().manual_seed(0))
+                                        [:4_000_000]], target))
+
+
+def calibrate(model, blocks: torch.Tensor, target: float, *, batch_size: int = 8,
+              task: str = "clm", tokenizer=None, tol: float = 0.002,
+              max_iter: int = 10) -> Calibration:
+    """Find δ (see module doc). The model is left unchanged (biases restored)."""
+    delta, lo, hi = 0.0, -math.inf, math.inf
+    best, first, passes = None, None, 0
+    try:
+        for passes in range(1, max_iter + 1):
+            m = measure(model, blocks, batch_size=batch_size, task=task, tokenizer=tokenizer,
+                        keep_margins=True)
+            s = m.sparsity
+            first = s if first is None else first
+            if best is None or abs(s - target) < abs(best[1] - target):
+                best = (delta, s, m.layer_sparsity)
+            if abs(s - target) <= tol:
+                break
+            if s > target:          # too many experts off: raise the biases
+                lo = max(lo, delta)
+            else:
+                hi = min(hi, delta)
+            step = delta + _newton(m.margins, target)
+            if not lo < step < hi:
+                step = (lo + hi) / 2 if math.isfinite(lo) and math.isfinite(hi) else (
+                    lo + 1.0 if math.isfinite(lo) else hi - 1.0)
+            shift_routers(model, step - delta)
+            delta = step
+    finally:
+        shift_routers(model, -delta)
+    return Calibration(offset=best[0], sparsity=best[1], layer_sparsity=best[2],
+                       uncalibrated_sparsity=first, passes=passes)
+
+
+def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 128,
+                    calib_blocks: int = 32, text_field: str = "text",
+                    overwrite: bool = False):
+    """Re-target an LTE checkpoint to `sparsity` (calibrate δ, fold, save); returns `out`."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
+    from converter.data import pack, read_documents, spread
+    from converter.surgery import lte_modules
+    from converter.train import check_output_dir, check_sparsity
+
+    check_sparsity(sparsity)
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    model, info = load_lte_model(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    if data is None:
+        from samples.default import shakespeare_texts
+        data = shakespeare_texts()[1]
+    blocks = spread(pack(tokenizer, read_documents(data, text_field), block_size), calib_blocks)
+    if len(blocks) == 0:
+        from converter.errors import UserError
+        raise UserError(f"The calibration data has fewer than {block_size} tokens; give more "
+                        "text or a smaller --block-size.")
+    task = info.get("task", "clm")
+    cal = calibrate(model, blocks, sparsity, task=task, tokenizer=tokenizer)
+    modules = lte_modules(model)
+    if info["folded"]:
+        shift_routers(model, cal.offset)
+        for _, m in modules:
+            m.fold_offset += cal.offset
+    else:
+        fold(model, [cal.offset] * len(modules))
+    keep = {k: v for k, v in info.items() if k not in ("offsets", "folded", "mode")}
+    keep.update(target_sparsity=sparsity, sparsity=cal.sparsity,
+                layer_sparsity=cal.layer_sparsity,
+                calibration={**info.get("calibration", {}), "refold_offset": cal.offset,
+                             "blocks": len(blocks), "block_size": block_size,
+                             "method": "global bias shift"})
+    return save_lte_checkpoint(model, out, keep, overwrite=True, tokenizer=tokenizer)

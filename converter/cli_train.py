@@ -1,0 +1,126 @@
+"""`lte-convert train` and `lte-convert fold`: thin wrappers over converter.train / calibrate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from converter.train import TrainConfig
+
+_D = TrainConfig()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--data", "data", multiple=True, type=click.Path(path_type=Path),
+              help="Training text: a .txt file, a folder of .txt files, a JSONL file or a saved "
+                   "`datasets` folder (repeat to combine). Default: Shakespeare's plays.")
+@click.option("--heldout", multiple=True, type=click.Path(path_type=Path),
+              help="Held-out text for calibration (same formats). Default: the last 5% of "
+                   "--data's blocks (with no --data: four held-out plays).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("lte-model"),
+              show_default=True, help="Folder for the folded LTE checkpoint.")
+@click.option("--sparsity", "-s", type=float, default=0.5, show_default=True,
+              help="Fraction of FFN experts to switch off per token, in (0, 1). The saved "
+                   "model's measured held-out sparsity is within ±0.02 of it.")
+@click.option("--expert-size", type=int, default=_D.expert_size, show_default=True,
+              help="Neurons per expert (the paper uses 32).")
+@click.option("--block-size", type=int, default=_D.block_size, show_default=True,
+              help="Tokens per training sequence.")
+@click.option("--batch-size", type=int, default=_D.batch_size, show_default=True,
+              help="Sequences per step and process.")
+@click.option("--grad-accum", type=int, default=_D.grad_accum, show_default=True,
+              help="Gradient accumulation steps.")
+@click.option("--stage1-steps", type=int, default=_D.stage1_steps, show_default=True,
+              help="Optimizer steps of stage 1 (soft routing, router losses).")
+@click.option("--stage2-steps", type=int, default=_D.stage2_steps, show_default=True,
+              help="Optimizer steps of stage 2 (hard masks, routers frozen).")
+@click.option("--lr", type=float, default=_D.lr, show_default=True,
+              help="Learning rate of the model weights.")
+@click.option("--router-lr", type=float, default=_D.router_lr, show_default=True,
+              help="Learning rate of the routers (stage 1).")
+@click.option("--routers-only/--all-params", default=_D.routers_only, show_default=True,
+              help="Stage 1: train only the routers (model frozen), or everything.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              default=_D.precision, show_default=True,
+              help="auto: bf16 (else fp16) on a CUDA GPU, fp32 on CPU.")
+@click.option("--save-steps", type=int, default=_D.save_steps, show_default=True,
+              help="Save a resumable checkpoint every N steps (in OUT.lte-work/).")
+@click.option("--seed", type=int, default=_D.seed, show_default=True)
+@click.option("--text-field", default=_D.text_field, show_default=True,
+              help="JSONL field / dataset column holding the text.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last checkpoint in OUT.lte-work/.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--keep-checkpoints", is_flag=True,
+              help="Keep OUT.lte-work/ (training checkpoints) after success.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the model folder's own Python code (off by default).")
+def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_size, grad_accum,
+          stage1_steps, stage2_steps, lr, router_lr, routers_only, precision, save_steps, seed,
+          text_field, resume, overwrite, keep_checkpoints, trust_remote_code):
+    """Train LTE routers on MODEL and save a folded LTE checkpoint in OUT.
+
+    \b
+    MODEL is a Hugging Face folder (config.json + safetensors). Without MODEL and --data the
+    embedded default is used: SmolLM2-135M on Shakespeare (about 6-9 minutes on 2 CPU cores).
+    \b
+    Steps: group FFN neurons into experts, stage 1 (soft routing with the efficiency and
+    separability losses), calibrate the threshold on held-out text, stage 2 (hard masks),
+    fold the threshold into the router bias, save. Multi-process: run it under
+    `torchrun --nproc_per_node N -m converter.cli train ...`.
+    \b
+    Examples:
+      lte-convert train --out smollm2-lte
+      lte-convert train ./my-llama --data corpus.jsonl --sparsity 0.6 --out my-llama-lte
+      lte-convert train ./my-llama --data corpus.jsonl --out my-llama-lte --resume
+    """
+    from converter.train import train_lte
+
+    cfg = TrainConfig(expert_size=expert_size, block_size=block_size, batch_size=batch_size,
+                      grad_accum=grad_accum, stage1_steps=stage1_steps,
+                      stage2_steps=stage2_steps, lr=lr, router_lr=router_lr,
+                      routers_only=routers_only, precision=precision, save_steps=save_steps,
+                      seed=seed, text_field=text_field, keep_checkpoints=keep_checkpoints)
+    path = train_lte(model, list(data) or None, out, sparsity, heldout=list(heldout) or None,
+                     config=cfg, resume=resume, overwrite=overwrite,
+                     trust_remote_code=trust_remote_code)
+    _summary(path)
+
+
+def _summary(path: Path):
+    from converter.checkpoint import read_lte_info
+
+    info = read_lte_info(path)
+    layers = " ".join(f"{s:.2f}" for s in info.get("layer_sparsity", []))
+    click.echo(f"saved {path}: measured held-out sparsity {info.get('sparsity', 0):.3f} "
+               f"(target {info.get('target_sparsity')})\nper layer: {layers}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--sparsity", "-s", type=float, required=True,
+              help="New target sparsity in (0, 1).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Folder for the re-folded LTE checkpoint.")
+@click.option("--data", multiple=True, type=click.Path(path_type=Path),
+              help="Held-out text to calibrate on (default: Shakespeare's held-out plays).")
+@click.option("--block-size", type=int, default=128, show_default=True)
+@click.option("--calib-blocks", type=int, default=32, show_default=True,
+              help="Blocks (evenly spread over --data) used to calibrate.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def fold(checkpoint, sparsity, out, data, block_size, calib_blocks, text_field, overwrite):
+    """Re-target an LTE checkpoint to another sparsity, without training.
+
+    \b
+    Calibrates one global router-bias shift on held-out text so the measured sparsity is
+    within ±0.02 of --sparsity, folds it into the router bias and saves a new checkpoint.
+    Works on folded checkpoints (from `train`) and unfolded ones. Example:
+      lte-convert fold smollm2-lte --sparsity 0.7 --out smollm2-lte-70
+    """
+    from converter.calibrate import fold_checkpoint
+
+    _summary(fold_checkpoint(checkpoint, out, sparsity, list(data) or None,
+                             block_size=block_size, calib_blocks=calib_blocks,
+                             text_field=text_field, overwrite=overwrite))

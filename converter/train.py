@@ -1,0 +1,428 @@
+"""LTE training: convert, stage 1 (soft), calibrate, stage 2 (hard), calibrate, fold, save.
+
+    train_lte(model_dir, data, out, sparsity) -> out        (the library entry point)
+
+Both stages run on the Hugging Face Trainer, so checkpoints, --resume, gradient accumulation,
+bf16/fp16 on GPU, progress bars and data-parallel runs (torchrun / accelerate launch) come from
+it. What this module adds (LTE.md steps 3-5):
+
+Router start.  converter.surgery initialises each router from its expert's mean gate row (σ ≈
+    0.9: everything on). Before stage 1 one global bias shift (the calibration below) moves
+    the routers to the requested sparsity on held-out data, so stage 1 starts at the operating
+    point instead of spending its few steps getting there.
+Stage 1 (soft).  Every LTEFFN scales expert e by G_e = σ(z_e). Loss L_task + η·L_eff + λ·L_sep
+    (converter/losses.py). All parameters train (routers at `router_lr`, the rest at `lr`), or
+    only the routers with `routers_only=True`. η is not a user knob here: users ask for a
+    sparsity, so η follows a multiplicative controller, η ← η·exp(k·(S − s_batch)) clipped to
+    [1e-2, 1e2], where s_batch is the fraction of scores ≤ τ in the step's batch (all-reduced
+    across processes, so every rank keeps the same η). The routers therefore learn roughly the
+    requested sparsity, and calibration only has to correct the remainder.
+Calibration.  One global shift δ of every router's bias is found on held-out blocks so that the
+    hard mask's measured sparsity is S (converter/calibrate.py); it is applied before stage 2,
+    so stage 2 adapts the model to the masks it will be deployed with, and re-checked after.
+Stage 2 (hard).  Routers frozen; mask 1{σ(z) > τ} (selected experts unscaled); task loss only.
+Fold.  −logit(τ) + offset goes into the router bias (converter.checkpoint.fold); the folded
+    model is saved as an LTE checkpoint with per-layer sparsity in lte.json.
+
+Loss details. The task loss is the model's own (causal LM for decoders, masked LM for encoders
+with an MLM head). Transformers normalises it by the number of label tokens in the whole
+accumulated (and all-process) batch and then skips its own division by the accumulation steps;
+the router loss is a per-micro-batch mean, so it is divided by
+`current_gradient_accumulation_steps` in that case, and DDP's gradient averaging turns the
+per-rank means into the global mean. Routers are registered submodules (LTEFFN.router), and
+`ddp_find_unused_parameters=False`.
+
+Failure handling. A non-finite loss stops the run with a UserError before the optimizer step,
+so the last saved checkpoint is good. Ctrl-C or a killed process leaves the checkpoints in
+`<out>.lte-work/`; `resume=True` continues from the newest complete one (a checkpoint is
+complete when its `lte_state.json`, written after everything else, exists).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from converter.data import BlockDataset, DataSource, load_blocks, spread
+from converter.errors import UserError
+from converter.losses import LAMBDA, TAU, fraction_off, router_loss
+
+WORK_SUFFIX = ".lte-work"
+STATE_FILE = "lte_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes a run. Defaults: the embedded SmolLM2 + Shakespeare budget."""
+
+    expert_size: int = 32
+    block_size: int = 128
+    batch_size: int = 4                 # per process
+    grad_accum: int = 1
+    stage1_steps: int = 50
+    stage2_steps: int = 25
+    lr: float = 5e-5                    # model weights (paper: 1.5e-5 .. 5e-5)
+    router_lr: float = 1e-3             # routers (fresh parameters; 1e-2 and 3e-3 were worse)
+    eta: float = 1.0                    # initial η; the controller adapts it (see module doc)
+    eta_gain: float = 0.1
+    lam: float = LAMBDA
+    tau: float = TAU
+    routers_only: bool = False
+    warmup_ratio: float = 0.06
+    heldout_fraction: float = 0.05
+    calib_blocks: int = 32              # held-out blocks (evenly spread) to calibrate on
+    save_steps: int = 20
+    precision: str = "auto"             # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU)
+    seed: int = 0
+    text_field: str = "text"
+    keep_checkpoints: bool = False
+    log_steps: int = 5
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# loading a model for a task
+# ---------------------------------------------------------------------------------------
+def check_model_dir(model_dir) -> Path:
+    path = Path(model_dir)
+    if not path.exists():
+        raise UserError(f"The model path {path} does not exist. Pass a Hugging Face model "
+                        "folder (with config.json and safetensors weights), or omit it to use "
+                        "the embedded default (SmolLM2-135M).")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model folder: it has no config.json. "
+                        "Pass the folder that `save_pretrained` wrote (config.json, "
+                        "model.safetensors, tokenizer files).")
+    return path
+
+
+def load_lm(model_dir, trust_remote_code: bool = False, dtype=torch.float32):
+    """(model, tokenizer, task) with task "clm" or "mlm"; UserError for what cannot train."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
+                              AutoTokenizer)
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    from converter.adapters import get_adapter
+
+    path = check_model_dir(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:
+        raise UserError(f"Could not read the model config in {path}: {e}") from None
+    get_adapter(config)                  # unsupported architectures fail here, before loading
+    archs = config.architectures or []
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        cls, task = AutoModelForMaskedLM, "mlm"
+    elif (any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+          or (not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
+        cls, task = AutoModelForCausalLM, "clm"
+    else:
+        kind = ("an encoder without a masked-LM head"
+                if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "a model without an LM head")
+        raise UserError(f"{path} holds {kind} (architectures={archs}); LTE training needs a "
+                        "task loss: a causal-LM model (…ForCausalLM) or a masked-LM model "
+                        "(…ForMaskedLM). Use a checkpoint with such a head.")
+    try:
+        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                    trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"Could not load the model or tokenizer from {path}: {e}. lte-convert "
+                        "reads weights from safetensors only (never pickled .bin files) and "
+                        "needs the tokenizer files beside them.") from None
+    return model, tokenizer, task
+
+
+class BlockCollator:
+    """Stack blocks; causal LM: labels = input_ids (the model shifts them); masked LM: BERT
+    masking (15%, 80/10/10) through transformers' collator."""
+
+    def __init__(self, tokenizer, task: str):
+        self.task = task
+        if task == "mlm":
+            from transformers import DataCollatorForLanguageModeling
+            self.mlm = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
+
+    def __call__(self, examples):
+        ids = torch.stack([e["input_ids"] for e in examples])
+        if self.task == "mlm":
+            return self.mlm([{"input_ids": i} for i in ids])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+# ---------------------------------------------------------------------------------------
+# the Trainer with the router losses
+# ---------------------------------------------------------------------------------------
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t
+
+
+class LTETrainer(Trainer):
+    """Trainer whose loss adds η·L_eff + λ·L_sep in stage 1 and stops on a non-finite loss."""
+
+    def __init__(self, *args, lte, cfg: TrainConfig, target: float, stage: int, work: Path,
+                 eta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lte, self.cfg, self.target, self.stage, self.work = lte, cfg, target, stage, work
+        self.eta = eta
+        self.router_stats = {}
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            routers = [p for m in self.lte for p in m.router.parameters() if p.requires_grad]
+            ids = {id(p) for p in routers}
+            rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+            groups = [{"params": g, "lr": lr, "weight_decay": 0.0}
+                      for g, lr in ((rest, self.args.learning_rate), (routers, self.cfg.router_lr))
+                      if g]
+            self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=True,
+                                   num_items_in_batch=num_items_in_batch)
+        loss, outputs = out
+        finite = torch.isfinite(loss.detach()).float()
+        if self.stage == 1:
+            scores = [m.last_scores for m in self.lte]
+            aux, parts = router_loss(scores, self.eta, self.cfg.lam, self.cfg.tau)
+            scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
+                      else (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                      or self.compute_loss_func is not None)
+            if scaled:
+                aux = aux / self.current_gradient_accumulation_steps
+            loss = loss + aux
+            stats = _all_reduce_mean(torch.stack([
+                fraction_off(scores, self.cfg.tau), torch.isfinite(loss.detach()).float()]))
+            off, finite = float(stats[0]), stats[1]
+            if model.training:
+                eta = self.eta * math.exp(self.cfg.eta_gain * (self.target - off))
+                self.eta = min(max(eta, 1e-2), 1e2)
+            self.router_stats = {"sparsity": off, "eta": self.eta, **parts}
+            for m in self.lte:
+                m.last_scores = None
+        else:
+            finite = _all_reduce_mean(finite[None])[0]
+        if float(finite) < 1.0:
+            raise UserError(
+                f"The training loss became {float(loss):.4g} (not finite) in stage {self.stage} "
+                f"at step {self.state.global_step}. The run stopped before this step changed "
+                f"any weights; the last good checkpoint is kept in {self.work}. Lower --lr "
+                "(or --router-lr), use --precision fp32, or check the data, then rerun with "
+                "--resume.")
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self.router_stats and "loss" in logs:
+            logs = {**logs, **{k: round(v, 4) for k, v in self.router_stats.items()}}
+        super().log(logs, *args, **kwargs)
+
+
+class _SaveEta(TrainerCallback):
+    """Write η into each checkpoint after the Trainer's files: it also marks it complete."""
+
+    def __init__(self, trainer_ref):
+        self.trainer = trainer_ref
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (ckpt / STATE_FILE).write_text(json.dumps({"eta": self.trainer.eta}))
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete Trainer checkpoint in `folder`, if any."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# ---------------------------------------------------------------------------------------
+# the two stages
+# ---------------------------------------------------------------------------------------
+def _precision(cfg: TrainConfig) -> dict:
+    gpu = torch.cuda.is_available()
+    p = cfg.precision
+    if p == "auto":
+        p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if gpu else "fp32"
+    if p in ("bf16", "fp16") and not gpu:
+        raise UserError(f"--precision {p} needs a CUDA GPU; none is visible. Use --precision "
+                        "fp32 (or auto) on CPU.")
+    if p not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {p!r}.")
+    return {"bf16": p == "bf16", "fp16": p == "fp16", "use_cpu": not gpu}
+
+
+def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig, target, work,
+               eta: float, steps: int) -> tuple[float, float]:
+    """Train one stage for `steps` optimizer steps (resuming if it can); (η, seconds)."""
+    out_dir = work / f"stage{stage}"
+    resume = last_checkpoint(out_dir)
+    if resume is not None:
+        eta = json.loads((resume / STATE_FILE).read_text())["eta"]
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=0.0,
+        warmup_steps=max(1, round(cfg.warmup_ratio * steps)), lr_scheduler_type="linear",
+        max_grad_norm=1.0, logging_steps=cfg.log_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=2, report_to="none", seed=cfg.seed,
+        data_seed=cfg.seed, ddp_find_unused_parameters=False, dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=False, **_precision(cfg))
+    trainer = LTETrainer(model=model, args=args, train_dataset=BlockDataset(blocks.train),
+                         data_collator=BlockCollator(tokenizer, task), lte=lte, cfg=cfg,
+                         target=target, stage=stage, work=work, eta=eta)
+    trainer.add_callback(_SaveEta(trainer))
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return trainer.eta, float(result.metrics.get("train_runtime", 0.0))
+
+
+def _freeze_for_stage(model, lte, stage: int, routers_only: bool):
+    from converter.surgery import set_mode
+
+    set_mode(model, "soft" if stage == 1 else "hard")
+    router_ids = {id(p) for m in lte for p in m.router.parameters()}
+    for p in model.parameters():
+        if id(p) in router_ids:
+            p.requires_grad_(stage == 1)
+        else:
+            p.requires_grad_(not (stage == 1 and routers_only))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _load_state(model, folder: Path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "decoder" in k or "embed_out" in k}
+    assert not unexpected and set(missing) == tied, (missing, unexpected)
+    if tied:
+        model.tie_weights()
+
+
+def check_output_dir(out: Path, overwrite: bool):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"The output folder {out} already exists and is not empty. Choose "
+                        "another --out, or pass --overwrite to replace it.")
+
+
+def check_sparsity(sparsity: float):
+    if not (0.0 < float(sparsity) < 1.0):
+        raise UserError(f"--sparsity must be strictly between 0 and 1 (the fraction of FFN "
+                        f"experts switched off per token), got {sparsity}. The default is 0.5.")
+
+
+def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
+              sparsity: float = 0.5, *, heldout: DataSource | None = None,
+              config: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
+              trust_remote_code: bool = False) -> Path:
+    """Train an LTE model and save the folded LTE checkpoint in `out`; returns `out`.
+
+    model_dir None: the embedded SmolLM2-135M (samples/default.py); data None: Shakespeare's
+    training plays, held out: its held-out plays. Under torchrun every process calls this;
+    process 0 writes the checkpoint.
+    """
+    from converter.calibrate import calibrate, shift_routers
+    from converter.checkpoint import fold, save_lte_checkpoint
+    from converter.surgery import convert_model, lte_modules
+
+    cfg = config or TrainConfig()
+    check_sparsity(sparsity)
+    out = Path(out)
+    work = out.parent / (out.name + WORK_SUFFIX)
+    if resume:
+        if not work.is_dir():
+            raise UserError(f"--resume found nothing to resume: {work} does not exist (it is "
+                            f"where a run with --out {out} keeps its checkpoints). Run without "
+                            "--resume to start.")
+    else:
+        check_output_dir(out, overwrite)
+    if model_dir is None or data is None:
+        from samples.default import default_model_dir, shakespeare_texts
+        if model_dir is None:
+            model_dir = default_model_dir()
+        if data is None:
+            data, default_heldout = shakespeare_texts()
+            heldout = heldout or default_heldout
+    model, tokenizer, task = load_lm(model_dir, trust_remote_code)
+    blocks = load_blocks(tokenizer, data, cfg.block_size, heldout=heldout,
+                         heldout_fraction=cfg.heldout_fraction, text_field=cfg.text_field)
+    if not resume and work.exists() and _rank() == 0:
+        shutil.rmtree(work)
+    _barrier()
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    convert_model(model, expert_size=cfg.expert_size, seed=cfg.seed)
+    lte = [m for _, m in lte_modules(model)]
+    calib = spread(blocks.heldout, cfg.calib_blocks)
+
+    # ---- stage 1 (soft), then calibrate the threshold shift on held-out data -------------
+    done1 = work / "stage1.json"
+    if done1.is_file():
+        s1 = json.loads(done1.read_text())
+        _load_state(model, work / "stage1-final")
+    else:
+        if last_checkpoint(work / "stage1") is None:
+            # Start the routers at the requested sparsity: shift every router bias so the
+            # hard mask switches off the fraction S of experts on held-out data.
+            _freeze_for_stage(model, lte, 2, cfg.routers_only)
+            shift_routers(model, calibrate(model, calib, sparsity, batch_size=cfg.batch_size,
+                                           task=task, tokenizer=tokenizer).offset)
+        _freeze_for_stage(model, lte, 1, cfg.routers_only)
+        eta, secs = _run_stage(1, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
+                               cfg.eta, cfg.stage1_steps)
+        _freeze_for_stage(model, lte, 2, cfg.routers_only)
+        cal = calibrate(model, calib, sparsity, batch_size=cfg.batch_size, task=task,
+                        tokenizer=tokenizer)
+        s1 = {"eta": eta, "seconds": secs, "offset": cal.offset,
+              "sparsity_before_calibration": cal.uncalibrated_sparsity}
+        if _rank() == 0:
+            model.save_pretrained(work / "stage1-final")
+            done1.write_text(json.dumps(s1))
+        _barrier()
+    # ---- stage 2 (hard), routers frozen, with the calibrated shift applied --------------
+    _freeze_for_stage(model, lte, 2, cfg.routers_only)
+    shift_routers(model, s1["offset"])
+    _, secs2 = _run_stage(2, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
+                          s1["eta"], cfg.stage2_steps)
+    model.eval()
+    cal2 = calibrate(model, calib, sparsity, batch_size=cfg.batch_size, task=task,
+                     tokenizer=tokenizer)
+    offset = s1["offset"] + cal2.offset
+    fold(model, [cal2.offset] * len(lte))     # bias' = bias − logit(τ) + offset (bias has s1's)
+    info = {
+        "expert_size": cfg.expert_size, "tau": cfg.tau, "target_sparsity": sparsity,
+        "sparsity": cal2.sparsity, "layer_sparsity": cal2.layer_sparsity,
+        "calibration": {"offset": offset, "stage1_offset": s1["offset"],
+                        "stage2_offset": cal2.offset, "blocks": len(calib),
+                        "block_size": cfg.block_size, "method": "global bias shift"},
+        "source_model": str(model_dir), "task": task,
+        "training": {**{k: v for k, v in asdict(cfg).items() if k != "extra"},
+                     "final_eta": s1["eta"], "stage1_seconds": s1["seconds"],
+                     "stage2_seconds": secs2, "train_blocks": len(blocks.train),
+                     "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+    }
+    if _rank() == 0:
+        save_lte_checkpoint(model, out, info, overwrite=True, tokenizer=tokenizer)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(work, ignore_errors=True)
+    _barrier()
+    return out
