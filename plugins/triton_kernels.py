@@ -187,24 +187,28 @@ def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
     toks64 = toks.to(tl.int64)
 
     if BLOCK_T == 1:
-        # Software-prefetched: chunk i+1 (rows of active experts only) is loaded before
-        # chunk i is multiplied; the last trip loads past F, all predicated off.
+        # Software-pipelined: the mask of chunk i+2 and the rows of chunk i+1 (active
+        # experts only) are loaded before chunk i is multiplied, so a weight load never
+        # waits for its mask; trips past F load nothing (all predicated off).
         acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
+        mask_row = mask_ptr + toks64 * n_experts
         rows = tl.arange(0, BLOCK_F)
-        on = tl.load(mask_ptr + toks64 * n_experts + rows // EXPERT_SIZE,
-                     mask=(rows < F) & tok_ok, other=0) != 0                  # [BLOCK_F]
+        on = tl.load(mask_row + rows // EXPERT_SIZE, mask=(rows < F) & tok_ok, other=0) != 0
         hv = tl.load(h_ptr + toks64 * F + rows, mask=on, other=0.0)
         w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
                     mask=on[:, None] & col_ok[None, :], other=0.0)
+        rows = BLOCK_F + tl.arange(0, BLOCK_F)
+        on = tl.load(mask_row + rows // EXPERT_SIZE, mask=(rows < F) & tok_ok, other=0) != 0
         for f0 in range(BLOCK_F, F + BLOCK_F, BLOCK_F):
             rows = f0 + tl.arange(0, BLOCK_F)
-            on = tl.load(mask_ptr + toks64 * n_experts + rows // EXPERT_SIZE,
-                         mask=(rows < F) & tok_ok, other=0) != 0
+            rows2 = rows + BLOCK_F
+            on_next = tl.load(mask_row + rows2 // EXPERT_SIZE, mask=(rows2 < F) & tok_ok,
+                              other=0) != 0
             hv_next = tl.load(h_ptr + toks64 * F + rows, mask=on, other=0.0)
             w_next = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
                              mask=on[:, None] & col_ok[None, :], other=0.0)
             acc += hv.to(tl.float32)[:, None] * w.to(tl.float32)
-            hv, w = hv_next, w_next
+            hv, w, on = hv_next, w_next, on_next
         y = tl.sum(acc, axis=0)[None, :]                                    # [1, BLOCK_D]
     else:
         y = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
@@ -309,6 +313,17 @@ def ast_source(op: str, dtype: torch.dtype, cfg: LaunchConfig, *, expert_size: i
                      attrs=attrs)
 
 
+def launch_configs(op: str, d: int, F: int, expert_size: int,
+                   dtype: torch.dtype = torch.bfloat16) -> tuple[LaunchConfig, ...]:
+    """Every distinct config launch_config picks for `op` at some T (TensorRT tactics)."""
+    seen = []
+    for max_t, _, _ in _CONFIGS:
+        cfg = launch_config(op, max_t or 1 << 20, d, F, expert_size, dtype)
+        if cfg not in seen:
+            seen.append(cfg)
+    return tuple(seen)
+
+
 # ----------------------------------------------------------------------------------------
 # PyTorch launchers
 # ----------------------------------------------------------------------------------------
@@ -327,8 +342,11 @@ def _check_2d(name, t, shape, dtype):
 
 
 def sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, *, expert_size, activation, gated,
-                  config: LaunchConfig | None = None):
-    """h [T, F] (x.dtype) = masked act(x·W_gateᵀ + b_gate)·(x·W_upᵀ + b_up); one kernel launch."""
+                  config: LaunchConfig | None = None, out=None):
+    """h [T, F] (x.dtype) = masked act(x·W_gateᵀ + b_gate)·(x·W_upᵀ + b_up); one kernel launch.
+
+    `config` overrides launch_config's choice; `out` is an optional preallocated h.
+    """
     T, d = x2d.shape
     F = w_up.shape[0]
     for name, t, shape in (("x", x2d, (T, d)), ("w_up", w_up, (F, d)), ("b_up", b_up, (F,)),
@@ -343,7 +361,8 @@ def sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, *, expert_size, activ
         w_gate, b_gate = w_up, b_up
     elif has_bias and b_gate is None:
         b_gate = torch.zeros(F, dtype=x2d.dtype, device=x2d.device)
-    h = torch.empty((T, F), dtype=x2d.dtype, device=x2d.device)
+    h = out if out is not None else torch.empty((T, F), dtype=x2d.dtype, device=x2d.device)
+    _check_2d("out", h, (T, F), w_up.dtype)
     if T == 0:
         return h
     cfg = config or launch_config("up", T, d, F, expert_size, x2d.dtype)
@@ -357,15 +376,19 @@ def sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, *, expert_size, activ
 
 
 def sparse_ffn_down(h2d, mask2d, w_down_t, b_down, *, expert_size,
-                    config: LaunchConfig | None = None):
-    """y [T, d] (h.dtype) = (h ⊙ mask)·W_down_t + b_down; one kernel launch."""
+                    config: LaunchConfig | None = None, out=None):
+    """y [T, d] (h.dtype) = (h ⊙ mask)·W_down_t + b_down; one kernel launch.
+
+    `config` overrides launch_config's choice; `out` is an optional preallocated y.
+    """
     T, F = h2d.shape
     d = w_down_t.shape[1]
     for name, t, shape in (("h", h2d, (T, F)), ("w_down_t", w_down_t, (F, d)),
                            ("b_down", b_down, (d,))):
         _check_2d(name, t, shape, w_down_t.dtype)
     mask_u8 = _mask_bytes(mask2d, T, F // expert_size)
-    y = torch.empty((T, d), dtype=h2d.dtype, device=h2d.device)
+    y = out if out is not None else torch.empty((T, d), dtype=h2d.dtype, device=h2d.device)
+    _check_2d("out", y, (T, d), w_down_t.dtype)
     if T == 0:
         return y
     cfg = config or launch_config("down", T, d, F, expert_size, h2d.dtype)

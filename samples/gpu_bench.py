@@ -1,0 +1,511 @@
+"""One prepared GPU run for the Triton sparse-FFN kernels: correctness, then timings.
+
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python samples/gpu_bench.py [--tune] [--out DIR]
+
+1. Environment and the copy-bandwidth ceiling (device-to-device copy, bytes read + written).
+2. Correctness on the GPU against plugins/reference.py: several shapes, dtypes (bf16, fp16,
+   fp32), masks (all off, all on, one expert, per token) and token counts; every output is
+   poisoned with NaN first, so an element the kernel forgets to write fails the check. A
+   CUDA-graph check changes the mask in place between replays (the mask is read on device).
+3. Timings (median of CUDA-event timed repeats, weights rotated over several layers so the
+   L2 cache does not flatter small shapes): dense PyTorch (cuBLAS, HF layout) against
+   `plugins.triton_kernels.sparse_ffn`, eager and as CUDA-graph replays, for LLaMA2-7B
+   (4096/11008) and SmolLM2-135M (576/1536) in bf16, T = 1, 4, 16, 64, 256, 2048 tokens,
+   sparsity 0, 0.25, 0.5, 0.75, 0.9 (per-token random masks with exactly (1-sparsity)·E
+   experts each). For T >= DENSE_MIN_TOKENS the kernels alone are timed too.
+4. --tune: kernel config variants for the decode shapes (each checked for correctness
+   first), timed per kernel; the best are reported (and then copied into launch_config).
+
+Writes gpu_bench.json and gpu_bench.md to --out (default $OUT or .), prints the tables last.
+Without --tune it finishes in well under 4 minutes on an H100/H200.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import triton
+from plugins import triton_kernels as tk
+from plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference
+from plugins.triton_kernels import LaunchConfig
+
+SHAPES = {  # name: (d, F, expert_size, layers rotated in timings)
+    "llama2-7b": (4096, 11008, 32, 4),
+    "smollm2-135m": (576, 1536, 32, 30),
+}
+TOKENS = (1, 4, 16, 64, 256, 2048)
+SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DEV = "cuda"
+DTYPE = torch.bfloat16      # of the timed problems (--dtype)
+
+# Config variants tried with --tune: (block_t, block_f, block_d, num_warps[, num_stages]).
+# block_t=1 is the register GEMV path, block_t=16 the tl.dot path (cp.async pipelined through
+# shared memory; for one token 15 of its 16 rows are masked off). None spills registers
+# (ptxas -v, sm_90a) and all stay under 48 KiB of shared memory.
+UP_VARIANTS_T1 = [(1, 4, 512, 2), (1, 4, 1024, 4), (1, 8, 256, 2), (1, 8, 512, 4),
+                  (1, 8, 512, 8), (1, 8, 1024, 8), (1, 16, 256, 4), (1, 16, 256, 8),
+                  (1, 16, 512, 8), (1, 32, 256, 8), (1, 32, 128, 4), (1, 4, 256, 2)]
+DOWN_VARIANTS_T1 = [(1, 256, 32, 8), (1, 512, 32, 16), (1, 128, 32, 4), (1, 256, 32, 16),
+                    (1, 256, 16, 4), (1, 512, 16, 8), (1, 1024, 16, 16), (1, 128, 64, 8),
+                    (1, 256, 64, 16), (1, 64, 64, 4)]
+UP_VARIANTS_DOT = [(16, 32, 128, 4, 3), (16, 16, 128, 4, 3), (16, 64, 64, 4, 3),
+                   (16, 32, 64, 4, 4), (16, 16, 64, 2, 6), (16, 16, 128, 2, 3)]
+DOWN_VARIANTS_DOT = [(16, 128, 32, 4, 3), (16, 64, 64, 4, 3), (16, 256, 32, 8, 2),
+                     (16, 128, 64, 4, 2), (16, 64, 32, 4, 4), (16, 256, 16, 4, 3),
+                     (16, 128, 32, 4, 4)]
+SMALL_UP_VARIANTS_T1 = [(1, 8, 64, 2), (1, 8, 128, 4), (1, 4, 128, 2), (1, 16, 64, 4),
+                        (1, 8, 512, 4), (16, 16, 64, 2, 6), (16, 32, 64, 4, 4)]
+SMALL_DOWN_VARIANTS_T1 = [(1, 256, 16, 8), (1, 128, 16, 4), (1, 512, 16, 8), (1, 256, 32, 8),
+                          (1, 64, 16, 2), (16, 64, 16, 2, 4), (16, 128, 16, 4, 3)]
+
+
+# ---------------------------------------------------------------------------------------
+# Problems
+# ---------------------------------------------------------------------------------------
+def weights(d, Fdim, gated=True, bias=False, dtype=None, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    dtype = dtype or DTYPE
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype)
+
+    return dict(w_gate=r(Fdim, d, scale=d ** -0.5) if gated else None,
+                w_up=r(Fdim, d, scale=d ** -0.5), w_down_t=r(Fdim, d, scale=Fdim ** -0.5),
+                b_gate=r(Fdim) if gated and bias else None, b_up=r(Fdim) if bias else None,
+                b_down=r(d) if bias else None)
+
+
+def random_mask(T, E, sparsity, seed):
+    """Each token independently picks exactly round((1-sparsity)·E) experts."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    k = round((1 - sparsity) * E)
+    order = torch.rand(T, E, generator=g, device=DEV).argsort(dim=1)
+    return order < k
+
+
+def kind_mask(kind, T, E, seed):
+    if kind == "off":
+        return torch.zeros(T, E, dtype=torch.bool, device=DEV)
+    if kind == "on":
+        return torch.ones(T, E, dtype=torch.bool, device=DEV)
+    if kind == "one":
+        m = torch.zeros(T, E, dtype=torch.bool, device=DEV)
+        m[:, (seed * 7) % E] = True
+        return m
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.rand(T, E, generator=g, device=DEV) < 0.5
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+def _median_ms(run, inner, repeats=7):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(inner):
+            run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_eager(fns):
+    """µs per call of a list of zero-arg callables (one per layer), called in turn."""
+    def run():
+        for f in fns:
+            f()
+    run()
+    torch.cuda.synchronize()
+    est = _median_ms(run, 1, repeats=3)
+    inner = max(2, math.ceil(3.0 / max(est, 1e-3)))
+    return _median_ms(run, inner) * 1e3 / len(fns)
+
+
+def time_graph(fns):
+    """µs per call as CUDA-graph replays of all layers' calls captured in one graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:       # warm up (compiles) outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    est = _median_ms(graph.replay, 1, repeats=3)
+    inner = max(2, math.ceil(3.0 / max(est, 1e-3)))
+    us = _median_ms(graph.replay, inner) * 1e3 / len(fns)
+    del graph
+    return us
+
+
+# ---------------------------------------------------------------------------------------
+# The two implementations timed
+# ---------------------------------------------------------------------------------------
+def dense_ffn(x, w_gate, w_up, w_down):
+    """What a Hugging Face LLaMA MLP runs: W_down in its own [d, F] layout."""
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
+def sparse_fn(x, mask, w, s, up_cfg=None, down_cfg=None, kernels_only=False):
+    if up_cfg is None and down_cfg is None and not kernels_only:
+        return lambda: tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None,
+                                     None, expert_size=s, activation="silu")
+
+    def run():
+        h = tk.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], None, None, expert_size=s,
+                             activation="silu", gated=True, config=up_cfg)
+        return tk.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=down_cfg)
+    return run
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+def environment():
+    p = torch.cuda.get_device_properties(0)
+    info = {"device": p.name, "sm_count": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2 ** 30, 1),
+            "l2_mib": round(getattr(p, "L2_cache_size", 0) / 2 ** 20, 1),
+            "capability": f"{p.major}.{p.minor}", "torch": torch.__version__,
+            "triton": triton.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    try:
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:  # informational only
+        info["nvidia_smi"] = repr(e)
+    n = 1 << 30   # 1 GiB copied: 2 GiB moved
+    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
+    b = torch.empty_like(a)
+    us = time_eager([lambda: b.copy_(a)])
+    info["copy_tb_s"] = round(2 * n / us / 1e6, 2)
+    del a, b
+    return info
+
+
+CORRECTNESS = [  # (d, F, s, gated, bias, activation, dtype, T list, mask kinds)
+    (4096, 11008, 32, True, False, "silu", torch.bfloat16, (1, 3, 16, 64, 300),
+     ("off", "on", "one", "per_token")),
+    (576, 1536, 32, True, False, "silu", torch.bfloat16, (1, 5, 40, 257), ("per_token", "on")),
+    (576, 1536, 32, True, False, "silu", torch.float16, (1, 16, 100), ("per_token", "one")),
+    (768, 3072, 32, False, True, "gelu", torch.float16, (1, 7, 70), ("per_token", "on")),
+    (1000, 2048, 64, True, True, "gelu_tanh", torch.bfloat16, (1, 9, 33), ("per_token",)),
+    (256, 512, 16, False, False, "relu", torch.float32, (1, 4, 20, 65), ("per_token", "on")),
+    (4096, 11008, 32, True, True, "silu", torch.float32, (1, 17), ("per_token",)),
+]
+
+
+def check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed, up_cfg=None, down_cfg=None):
+    """Kernels (poisoned outputs) and the whole op against the reference; returns errors."""
+    w = weights(d, Fdim, gated, bias, dtype, seed)
+    g = torch.Generator(device=DEV).manual_seed(seed + 1)
+    x = torch.randn(T, d, generator=g, device=DEV).to(dtype)
+    mask = kind_mask(kind, T, Fdim // s, seed)
+    h = torch.full((T, Fdim), float("nan"), dtype=dtype, device=DEV)
+    tk.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], w["b_gate"], w["b_up"], expert_size=s,
+                     activation=act, gated=gated, config=up_cfg, out=h)
+    h_ref = sparse_ffn_up_reference(x, mask, w["w_gate"], w["w_up"], w["b_gate"], w["b_up"],
+                                    s, act, gated)
+    # down on an h with values where the mask is off too (it must ignore them)
+    h_in = torch.randn(T, Fdim, generator=g, device=DEV).to(dtype)
+    y = torch.full((T, d), float("nan"), dtype=dtype, device=DEV)
+    tk.sparse_ffn_down(h_in, mask, w["w_down_t"], w["b_down"], expert_size=s, config=down_cfg,
+                       out=y)
+    y_ref = sparse_ffn_down_reference(h_in, mask, w["w_down_t"], w["b_down"], s)
+    skipped = ~mask.repeat_interleave(s, dim=1)
+    res = {"h_rel": rel_err(h, h_ref) if kind != "off" else (0.0 if (h == 0).all() else 1.0),
+           "h_skipped_zero": bool((h[skipped] == 0).all()),
+           "y_rel": rel_err(y, y_ref) if kind != "off" or bias else
+           (0.0 if (y == 0).all() else 1.0)}
+    if up_cfg is None and down_cfg is None:
+        y_op = tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], w["b_gate"],
+                             w["b_up"], w["b_down"], expert_size=s, activation=act)
+        y_op_ref = sparse_ffn_down_reference(h_ref, mask, w["w_down_t"], w["b_down"], s)
+        res["op_rel"] = rel_err(y_op, y_op_ref) if kind != "off" or bias else 0.0
+    tol = TOL[dtype]
+    res["ok"] = (res["h_skipped_zero"] and res["h_rel"] <= tol and res["y_rel"] <= tol
+                 and res.get("op_rel", 0.0) <= 2 * tol)
+    return res
+
+
+def correctness():
+    rows = []
+    seed = 0
+    for d, Fdim, s, gated, bias, act, dtype, Ts, kinds in CORRECTNESS:
+        for T in Ts:
+            for kind in kinds:
+                seed += 1
+                name = f"d{d} F{Fdim} s{s} {'gated' if gated else 'plain'}{' bias' if bias else ''} {act} {str(dtype)[6:]} T{T} {kind}"
+                try:
+                    r = check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed)
+                except Exception:
+                    r = {"ok": False, "error": traceback.format_exc()[-1500:]}
+                rows.append(dict(case=name, **r))
+                if not r["ok"]:
+                    print("FAILED", name, r, flush=True)
+    rows.append(dict(case="cuda graph: mask changed in place between replays", **graph_check()))
+    return rows
+
+
+def graph_check():
+    d, Fdim, s = 576, 1536, 32
+    w = weights(d, Fdim)
+    x = torch.randn(2, d, device=DEV).to(DTYPE)
+    mask = kind_mask("per_token", 2, Fdim // s, 5)
+    fn = lambda: tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None,  # noqa: E731
+                               None, expert_size=s, activation="silu")
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fn()
+    errs = []
+    for seed in (6, 7):
+        mask.copy_(kind_mask("per_token", 2, Fdim // s, seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = sparse_ffn_down_reference(
+            sparse_ffn_up_reference(x, mask, w["w_gate"], w["w_up"], None, None, s, "silu", True),
+            mask, w["w_down_t"], None, s)
+        errs.append(rel_err(y, ref))
+    return {"rel": errs, "ok": all(e <= 1e-2 for e in errs)}
+
+
+def timings(quick_shapes=None):
+    rows = []
+    for shape, (d, Fdim, s, layers) in SHAPES.items():
+        E = Fdim // s
+        ws = [weights(d, Fdim, seed=i) for i in range(layers)]
+        w_down = [w["w_down_t"].t().contiguous() for w in ws]     # HF layout for dense
+        for T in TOKENS:
+            x = torch.randn(T, d, device=DEV).to(DTYPE)
+            dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd)
+                     for w, wd in zip(ws, w_down)]
+            dense_eager, dense_graph = time_eager(dense), time_graph(dense)
+            for sp in SPARSITIES:
+                masks = [random_mask(T, E, sp, seed=100 * i + T) for i in range(layers)]
+                union = torch.stack([m.any(0) for m in masks]).float().mean().item()
+                fns = [sparse_fn(x, m, w, s) for m, w in zip(masks, ws)]
+                row = dict(shape=shape, T=T, sparsity=sp, union=round(union, 3),
+                           dense_eager_us=dense_eager, dense_graph_us=dense_graph,
+                           sparse_eager_us=time_eager(fns), sparse_graph_us=time_graph(fns))
+                if T >= tk.DENSE_MIN_TOKENS:
+                    row["kernels_graph_us"] = time_graph(
+                        [sparse_fn(x, m, w, s, kernels_only=True) for m, w in zip(masks, ws)])
+                row["speedup_graph"] = dense_graph / row["sparse_graph_us"]
+                row["speedup_eager"] = dense_eager / row["sparse_eager_us"]
+                row["frac_ideal_graph"] = dense_graph * union / row["sparse_graph_us"]
+                rows.append(row)
+                print(f"{shape:13s} T={T:5d} sp={sp:.2f} union={union:.2f} dense {dense_graph:8.1f}/"
+                      f"{dense_eager:8.1f} us sparse {row['sparse_graph_us']:8.1f}/"
+                      f"{row['sparse_eager_us']:8.1f} us (graph/eager) x{row['speedup_graph']:.2f}"
+                      + (f" kernels {row['kernels_graph_us']:.1f}" if "kernels_graph_us" in row else ""),
+                      flush=True)
+        if shape == "llama2-7b":
+            half = [lambda w=w, wd=wd: dense_ffn(x1, w["w_gate"][:Fdim // 2], w["w_up"][:Fdim // 2],
+                                                 wd[:, :Fdim // 2])
+                    for w, wd in zip(ws, w_down)]
+            x1 = torch.randn(1, d, device=DEV).to(DTYPE)
+            rows.append(dict(shape=shape, T=1, note="dense cuBLAS at half width (F/2), graph",
+                             dense_graph_us=time_graph(half)))
+        del ws, w_down
+        torch.cuda.empty_cache()
+    return rows
+
+
+def tune():
+    """Per-kernel config variants at the decode shapes; correctness first, then graph time."""
+    out = []
+    plans = [("llama2-7b", 1, 0.5, UP_VARIANTS_T1 + UP_VARIANTS_DOT,
+              DOWN_VARIANTS_T1 + DOWN_VARIANTS_DOT),
+             ("llama2-7b", 1, 0.0, [], []),
+             ("llama2-7b", 4, 0.5, UP_VARIANTS_DOT, DOWN_VARIANTS_DOT),
+             ("llama2-7b", 16, 0.5, UP_VARIANTS_DOT, DOWN_VARIANTS_DOT),
+             ("smollm2-135m", 1, 0.5, SMALL_UP_VARIANTS_T1, SMALL_DOWN_VARIANTS_T1)]
+    for shape, T, sp, ups, downs in plans:
+        d, Fdim, s, layers = SHAPES[shape]
+        E = Fdim // s
+        ws = [weights(d, Fdim, seed=i) for i in range(layers)]
+        x = torch.randn(T, d, device=DEV).to(DTYPE)
+        masks = [random_mask(T, E, sp, seed=7 * i + 1) for i in range(layers)]
+        hs = [sparse_ffn_up_reference(x, m, w["w_gate"], w["w_up"], None, None, s, "silu", True)
+              for m, w in zip(masks, ws)]
+        active_rows = sum(m.any(0).sum().item() for m in masks) * s / layers
+        up_bytes = 2 * active_rows * d * 2
+        down_bytes = active_rows * d * 2
+        default_up = tk.launch_config("up", T, d, Fdim, s)
+        default_down = tk.launch_config("down", T, d, Fdim, s)
+        for op, variants, default in (("up", ups, default_up), ("down", downs, default_down)):
+            cfgs = [default] + [LaunchConfig(op, *v) for v in variants]
+            for cfg in dict.fromkeys(cfgs):
+                rec = dict(shape=shape, T=T, sparsity=sp, op=op, config=list(cfg.__dict__.values()),
+                           default=cfg == default)
+                try:
+                    chk = check_one(d, Fdim, s, True, False, "silu", DTYPE, T,
+                                    "per_token", 11, up_cfg=cfg if op == "up" else None,
+                                    down_cfg=cfg if op == "down" else None)
+                    rec["ok"] = chk["ok"]
+                    if op == "up":
+                        fns = [lambda m=m, w=w, cfg=cfg: tk.sparse_ffn_up(
+                            x, m, w["w_gate"], w["w_up"], None, None, expert_size=s,
+                            activation="silu", gated=True, config=cfg) for m, w in zip(masks, ws)]
+                        nbytes = up_bytes
+                    else:
+                        fns = [lambda m=m, w=w, h=h, cfg=cfg: tk.sparse_ffn_down(
+                            h, m, w["w_down_t"], None, expert_size=s, config=cfg)
+                            for m, w, h in zip(masks, ws, hs)]
+                        nbytes = down_bytes
+                    rec["graph_us"] = time_graph(fns)
+                    rec["tb_s"] = round(nbytes / rec["graph_us"] / 1e6, 2)
+                except Exception:
+                    rec["ok"] = False
+                    rec["error"] = traceback.format_exc()[-800:]
+                out.append(rec)
+                print(f"tune {shape} T={T} sp={sp} {op} {rec['config']} ok={rec['ok']} "
+                      f"{rec.get('graph_us', float('nan')):.1f} us {rec.get('tb_s', 0)} TB/s",
+                      flush=True)
+        del ws, hs
+        torch.cuda.empty_cache()
+    return out
+
+
+def best_combined(tuned):
+    """LLaMA T=1 sp=0.5 end to end with the best up and down configs vs default/dense."""
+    best = {}
+    for r in tuned:
+        if r["shape"] == "llama2-7b" and r["T"] == 1 and r["sparsity"] == 0.5 and r.get("ok"):
+            if r["op"] not in best or r["graph_us"] < best[r["op"]]["graph_us"]:
+                best[r["op"]] = r
+    if len(best) < 2:
+        return {}
+    d, Fdim, s, layers = SHAPES["llama2-7b"]
+    ws = [weights(d, Fdim, seed=i) for i in range(layers)]
+    w_down = [w["w_down_t"].t().contiguous() for w in ws]
+    x = torch.randn(1, d, device=DEV).to(DTYPE)
+    up_cfg = LaunchConfig("up", *best["up"]["config"][1:])
+    down_cfg = LaunchConfig("down", *best["down"]["config"][1:])
+    res = {"up": best["up"]["config"], "down": best["down"]["config"]}
+    dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd) for w, wd in zip(ws, w_down)]
+    res["dense_graph_us"], res["dense_eager_us"] = time_graph(dense), time_eager(dense)
+    for sp in SPARSITIES:
+        masks = [random_mask(1, Fdim // s, sp, seed=3 * i) for i in range(layers)]
+        fns = [sparse_fn(x, m, w, s, up_cfg, down_cfg) for m, w in zip(masks, ws)]
+        res[f"sp{sp}"] = {"graph_us": time_graph(fns), "eager_us": time_eager(fns)}
+        res[f"sp{sp}"]["speedup_graph"] = res["dense_graph_us"] / res[f"sp{sp}"]["graph_us"]
+        res[f"sp{sp}"]["speedup_eager"] = res["dense_eager_us"] / res[f"sp{sp}"]["eager_us"]
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+def markdown(report):
+    env = report["environment"]
+    lines = [f"# GPU benchmark: {env.get('device')} ({env.get('date_utc')} UTC)", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, copy bandwidth "
+             f"{env.get('copy_tb_s')} TB/s, {env.get('nvidia_smi', '')}", ""]
+    corr = report.get("correctness", [])
+    bad = [r for r in corr if not r.get("ok")]
+    lines += [f"Correctness: {len(corr) - len(bad)}/{len(corr)} cases pass "
+              "(outputs NaN-poisoned first; bf16/fp16 rel err <= 1e-2, fp32 <= 1e-5)."]
+    lines += [f"- FAILED {r['case']}: {({k: v for k, v in r.items() if k != 'case'})}" for r in bad]
+    lines += ["", "| shape | T | sparsity | union | dense graph µs | sparse graph µs | speed-up graph"
+              " | frac of ideal | dense eager µs | sparse eager µs | speed-up eager | kernels-only graph µs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("timings", []):
+        if "note" in r:
+            continue
+        lines.append(f"| {r['shape']} | {r['T']} | {r['sparsity']} | {r['union']} | "
+                     f"{r['dense_graph_us']:.1f} | {r['sparse_graph_us']:.1f} | "
+                     f"{r['speedup_graph']:.2f} | {r['frac_ideal_graph']:.2f} | "
+                     f"{r['dense_eager_us']:.1f} | {r['sparse_eager_us']:.1f} | "
+                     f"{r['speedup_eager']:.2f} | "
+                     + (f"{r['kernels_graph_us']:.1f} |" if "kernels_graph_us" in r else "– |"))
+    for r in report.get("timings", []):
+        if "note" in r:
+            lines.append(f"\n{r['shape']}: {r['note']}: {r['dense_graph_us']:.1f} µs")
+    if report.get("tune"):
+        lines += ["", "| shape | T | sparsity | op | (op, block_t, block_f, block_d, warps, stages) |"
+                  " ok | graph µs | TB/s |", "|---|---|---|---|---|---|---|---|"]
+        for r in report["tune"]:
+            lines.append(f"| {r['shape']} | {r['T']} | {r['sparsity']} | {r['op']} | "
+                         f"{r['config']}{' (default)' if r['default'] else ''} | {r['ok']} | "
+                         f"{r.get('graph_us', float('nan')):.1f} | {r.get('tb_s', '')} |")
+    if report.get("best_combined"):
+        lines += ["", "Best configs combined, llama2-7b T=1: " + json.dumps(report["best_combined"])]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tune", action="store_true", help="also time kernel config variants")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
+                    help="dtype of the timed problems (correctness covers all)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for json/md")
+    args = ap.parse_args()
+    global DTYPE
+    DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    t0 = time.time()
+    report = {}
+
+    def save():
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+            f.write(markdown(report))
+
+    sections = [("environment", environment), ("correctness", correctness)]
+    if args.tune:
+        sections.append(("tune", tune))
+    sections.append(("timings", timings))
+    for name, fn in sections:
+        t = time.time()
+        try:
+            report[name] = fn()
+        except Exception:
+            report[name + "_error"] = traceback.format_exc()
+            print(report[name + "_error"], flush=True)
+        print(f"== {name} done in {time.time() - t:.0f} s (total {time.time() - t0:.0f} s)",
+              flush=True)
+        save()
+    if args.tune and report.get("tune"):
+        try:
+            report["best_combined"] = best_combined(report["tune"])
+        except Exception:
+            report["best_combined_error"] = traceback.format_exc()
+        save()
+    print(markdown(report))
+    print(f"total {time.time() - t0:.0f} s")
+    return 0 if all(r.get("ok") for r in report.get("correctness", [])) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
