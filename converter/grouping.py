@@ -18,11 +18,14 @@ alone O(d_ff²). Neurons are then placed in order of regret (best minus second-b
 those with most to lose go first) into their best cluster that still has room. Neurons whose
 k candidates all filled up go round again, scored against the clusters that still have room
 only; every round places at least the first neuron of its order, and in practice one or two
-rounds suffice. Why greedy-with-regret rather than an exact min-cost flow (as the
-k-means-constrained package does) or Sinkhorn/auction prices: it is exact about capacity by
-construction (no rounding repair step), costs one sort and one pass per iteration in pure
-PyTorch, and k-means iterations wash out its small suboptimality; an exact transport solve is
-O(n·E) memory and far slower at 7B shapes, and Sinkhorn needs the dense n×E plan too.
+rounds suffice.
+
+Why greedy-with-regret: it meets the capacities exactly by construction (no repair step),
+costs one top-k, one sort and one pass per iteration, and keeps memory linear in d_ff. The
+exact alternatives (min-cost flow, as in the k-means-constrained package) and price-based
+balancing (auction, Sinkhorn) work on the full n×E cost matrix, which grows as d_ff²/s, and
+Sinkhorn's fractional plan still has to be rounded to exact capacities. The following k-means
+iterations partly correct the greedy's suboptimality.
 
 Timings (results/grouping.md): `python -m converter.grouping smollm2|7b` on 2 CPU cores.
 """
@@ -116,7 +119,8 @@ def balanced_kmeans(x, n_clusters: int, capacity: int, seed: int = 0, max_iter: 
 def expert_permutation(weight, expert_size: int, seed: int = 0):
     """Neuron order [F] that makes each balanced k-means cluster a contiguous expert.
 
-    weight: W_gate or W_up rows [n, d] (any dtype/device; grouped in fp32 on the CPU). F = ceil(n / expert_size)·expert_size.
+    weight: W_gate or W_up rows [n, d] (any dtype/device; grouped in fp32 on the CPU).
+    F = ceil(n / expert_size)·expert_size.
     perm[j] = the original neuron placed at position j; values ≥ n are zero-padding neurons,
     which fill each cluster's free slots. Clusters are ordered by their smallest neuron index,
     and neurons ascending within a cluster, so the result depends only on the weights and seed.

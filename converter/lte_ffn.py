@@ -12,7 +12,8 @@ and every supported activation has act(0) = 0, so they never change the output.
 
 Modes (a plain Python attribute, so exported graphs see only one branch):
 
-    "dense"   the original FFN (permuted): y = act(x·W_gateᵀ+b_gate) ⊙ (x·W_upᵀ+b_up) · W_down_t + b_down
+    "dense"   the original FFN (permuted):
+              y = (act(x·W_gateᵀ + b_gate) ⊙ (x·W_upᵀ + b_up))·W_down_t + b_down
     "soft"    stage 1: h ⊙ repeat_interleave(σ(z), s); σ(z) kept in `last_scores` for the losses
     "hard"    stage 2: h ⊙ repeat_interleave(σ(z) > τ, s) (selected experts are not scaled)
     "folded"  deployment: mask = z > 0 (−logit(τ) and any offset already in router.bias);

@@ -88,7 +88,7 @@ def _init_router(ffn: LTEFFN, real: torch.Tensor):
     keep = real.to(rows.dtype).view(-1, s, 1)                  # [E, s, 1]
     count = keep.sum(1)                                        # [E, 1]
     ffn.router.weight.copy_((rows.view(-1, s, rows.shape[1]) * keep).sum(1) / count)
-    b = torch.zeros_like(count[:, 0]) if bias is None else (bias.view(-1, s) * keep[..., 0]).sum(1) / count[:, 0]
+    b = 0.0 if bias is None else (bias.view(-1, s) * keep[..., 0]).sum(1) / count[:, 0]
     ffn.router.bias.copy_(b + ROUTER_INIT_BIAS)
 
 

@@ -51,7 +51,8 @@ def test_inline_families_replace_act_and_down_by_identity(family):
     adapter = get_adapter(model.config)
     block = next(iter(lte_modules(model)))
     layer = [b for name, b in model.named_modules() if name.endswith(f"{adapter.layers}.0")][0]
-    assert isinstance(layer.get_submodule(adapter.ffn), LTEFFN) and block[1] is layer.get_submodule(adapter.ffn)
+    ffn = layer.get_submodule(adapter.ffn)
+    assert isinstance(ffn, LTEFFN) and block[1] is ffn
     for path in adapter.identity:
         assert isinstance(layer.get_submodule(path), nn.Identity), path
 
@@ -79,5 +80,6 @@ def test_unknown_architecture_lists_supported_types():
 
 def test_unsupported_activation_is_a_user_error():
     model, _ = tiny_model("llama", hidden_act="relu2")
-    with pytest.raises(UserError, match=r"hidden_act='relu2'.*supported: " + ", ".join(HF_ACTIVATIONS)):
+    supported = ", ".join(HF_ACTIVATIONS)
+    with pytest.raises(UserError, match=r"hidden_act='relu2'.*supported: " + supported):
         convert_model(model)
