@@ -193,7 +193,7 @@ def print_table(rows):
             cells += [f"{r['dense_graph_ms']:.3f}", f"{r['sparse_graph_ms']:.3f}",
                       f"{r['speedup_graph']:.2f}x", f"{r['fraction_of_ideal_graph']:.2f}"]
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def _floats(s):
