@@ -148,8 +148,8 @@ def save_lte_checkpoint(model, path, info: dict | None = None, overwrite: bool =
     meta = _lte_info(model, dict(info or {}))
     routers = {}
     for i, m in modules:
-        routers[f"{i}.weight"] = m.router.weight.detach().contiguous()
-        routers[f"{i}.bias"] = m.router.bias.detach().contiguous()
+        routers[f"{i}.weight"] = m.router.weight.detach().cpu().contiguous()
+        routers[f"{i}.bias"] = m.router.bias.detach().cpu().contiguous()
     with atomic_path(path, is_dir=True) as tmp:
         model.save_pretrained(tmp, state_dict=_hf_state_dict(model), safe_serialization=True)
         save_file(routers, str(tmp / ROUTERS), metadata={"format": "pt"})

@@ -155,3 +155,17 @@ def test_load_errors(tmp_path):
     with pytest.raises(UserError, match="has no model.safetensors; lte-convert reads weights from "
                                         "safetensors only"):
         load_lte_model(tmp_path / "ck")
+
+
+def test_load_in_bf16_converts_lte_weights_and_routers(tmp_path):
+    model, ids, _ = _converted()
+    fold(model)
+    save_lte_checkpoint(model, tmp_path / "ck", {})
+    loaded, _ = load_lte_model(tmp_path / "ck", dtype=torch.bfloat16)
+    for _, m in lte_modules(loaded):
+        assert m.w_up.dtype == m.w_down_t.dtype == m.router.weight.dtype == torch.bfloat16
+        assert m.mode == "folded"
+    ref = _logits(model, ids)
+    out = _logits(loaded, ids)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
