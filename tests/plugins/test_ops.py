@@ -189,3 +189,37 @@ def test_cuda_matches_reference(tokens):
     y = torch.ops.lte.sparse_ffn(x, mask, *w, S, "silu")
     ref = sparse_ffn_reference(x, mask, *w, S, "silu")
     assert float((y.float() - ref.float()).norm() / ref.float().norm()) <= 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring: a converted, folded model runs its FFNs through the op
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_folded_model_generate_runs_the_op(family):
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from converter.checkpoint import fold
+    from converter.surgery import convert_model, lte_modules, set_mode
+    from tests.tiny_models import random_ids, tiny_model
+
+    model = convert_model(tiny_model(family)[0], expert_size=8)
+    hard = copy.deepcopy(model)
+    set_mode(hard, "hard")                      # σ(z) > τ on the unfolded routers, masked dense
+    fold(model)                                 # z' > 0 with the same selection, through the op
+    ids = random_ids(batch=2, seq=6)
+
+    class Calls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Calls.count += func is torch.ops.lte.sparse_ffn.default
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Calls():
+        out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    n_layers = len(lte_modules(model))
+    assert Calls.count == n_layers * 3          # every layer, prefill + 2 decode steps
+    with torch.no_grad():
+        torch.testing.assert_close(model(out).logits, hard(out).logits, rtol=1e-4, atol=1e-4)
