@@ -181,8 +181,9 @@ def compile_kernel(fn, signature: dict, constexprs: dict, *, arch: int, num_warp
                    num_stages: int | None = None, divisible: tuple = ()):
     """triton.compile for a target, without a GPU. Returns the CompiledKernel.
 
-    `signature` types every runtime parameter ('*fp16', 'i32', ...); `divisible` names the
-    int parameters known to be multiples of 16 (Triton's JIT specialises on that too).
+    `signature` types every runtime parameter ('*fp16', 'i32', ...). `divisible` names the
+    parameters known to be multiples of 16: ints, or pointers 16-byte aligned (Triton's JIT
+    specialises on both; it lets the compiler emit 16-byte vector loads).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -193,10 +194,7 @@ def compile_kernel(fn, signature: dict, constexprs: dict, *, arch: int, num_warp
     order = [n for n in fn.arg_names if n in full]
     assert len(order) == len(full) == len(fn.arg_names), (
         f"{fn.__name__}: signature names {sorted(full)} != kernel parameters {fn.arg_names}")
-    # Pointers are 16-byte aligned (TensorRT allocates tensors and weights with >= 256-byte
-    # alignment), as Triton's JIT assumes for PyTorch tensors: same vectorised loads.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(order)
-             if full[n].startswith("*") or n in divisible}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(order) if n in divisible}
     options = {"num_warps": num_warps, "ptx_version": PTX_VERSION, "enable_fp_fusion": True}
     if num_stages is not None:
         options["num_stages"] = num_stages
@@ -255,7 +253,11 @@ def build_launch(op: str, fn, *, arch: int, dtype: str, tactic: int, inputs: tup
             signature[name] = MASK_POINTER
         else:
             signature[name] = "*" + dtype
-    divisible = tuple(k for k, v in scalars.items() if isinstance(v, int) and v % 16 == 0)
+    # Weights and biases are engine constants, allocated aligned: promise 16-byte alignment
+    # (vectorised loads of the bytes that dominate). Activations (x, mask, h, y) promise
+    # nothing: TensorRT may hand a plugin a view into a larger buffer.
+    divisible = tuple(f"{n}_ptr" for n in inputs if n.startswith(("w_", "b_"))) + tuple(
+        k for k, v in scalars.items() if isinstance(v, int) and v % 16 == 0)
     kernel = compile_kernel(fn, signature, constexprs, arch=arch, num_warps=num_warps,
                             num_stages=num_stages, divisible=divisible)
     tag = f"{op}[sm_{arch}, {dtype}, tactic {tactic}]"
@@ -320,14 +322,20 @@ def tactics(op: str, *, arch: int, dtype: str, d: int, F: int, expert_size: int,
     return ok
 
 
-@functools.lru_cache(maxsize=None)
 def compile_op(op: str, *, arch: int, dtype: str, tactic: int, d: int, F: int,
                expert_size: int, activation: str = "silu", gated: int = 1) -> Launch:
     """The PTX and launch of spec.OP_UP / spec.OP_DOWN for one target, dtype and tactic.
 
     activation/gated matter for OP_UP only. Biases are always inputs (zeros when the model
-    has none, plugins/spec.py), so HAS_BIAS is 1.
+    has none, plugins/spec.py), so HAS_BIAS is 1. Cached per distinct kernel.
     """
+    if op != spec.OP_UP:
+        activation, gated = "silu", 1
+    return _compile_op(op, arch, dtype, tactic, d, F, expert_size, activation, int(gated))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_op(op, arch, dtype, tactic, d, F, expert_size, activation, gated) -> Launch:
     from plugins import triton_kernels as tk
 
     assert arch in ARCHS and dtype in TRITON_DTYPES, (arch, dtype)

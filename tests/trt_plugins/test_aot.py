@@ -131,11 +131,11 @@ def test_ptx_arch_per_gpu():
 
 
 @triton.jit
-def _big_tile_kernel(a_ptr, n, out_ptr, BLOCK: tl.constexpr):
+def _big_tile_kernel(w_a_ptr, n, out_ptr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k in range(0, n):
-        a = tl.load(a_ptr + k * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :])
+        a = tl.load(w_a_ptr + k * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :])
         acc = tl.dot(a, a, acc)
     tl.store(out_ptr + i[:, None] * BLOCK + i[None, :], acc.to(out_ptr.dtype.element_ty))
 
@@ -145,5 +145,5 @@ def test_shared_memory_over_48k_is_refused():
     more than 48 KiB of shared memory and must not become a TensorRT tactic."""
     with pytest.raises(aot.AotRuleError, match="bytes of shared memory"):
         aot.build_launch("Big", _big_tile_kernel, arch=80, dtype="fp16", tactic=1,
-                         inputs=("a",), outputs=("out",), scalars={"n": aot.Sym("T")},
+                         inputs=("w_a",), outputs=("out",), scalars={"n": aot.Sym("T")},
                          constexprs={"BLOCK": 128}, grid=(1,), num_warps=4, num_stages=3)
