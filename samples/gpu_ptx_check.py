@@ -8,7 +8,8 @@ and sm_90a) and tactic, this script
   2. loads that PTX with the CUDA driver (cupy.RawModule -> cuModuleLoad; sm_80 PTX is
      JIT-compiled by the driver on newer GPUs, sm_90a PTX runs on compute 9.0 only);
   3. for several token counts T, on fresh random inputs (mask as INT32, as TensorRT gives
-     it after the builder's Cast), with the output buffer poisoned with NaN, launches the
+     it after the builder's Cast; for some T the activations start at an odd element, as a
+     TensorRT view may), with the output buffer poisoned with NaN, launches the
      kernel with exactly the grid, block, shared memory and argument list TensorRT builds
      (input pointers, int32 scalars, output pointers, then a null pointer per hidden
      Triton scratch parameter);
@@ -50,6 +51,7 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 # difference is the output rounding (≤ 1 ulp) plus summation order.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2}
 TOKENS = (1, 5, 64, 130)      # decode, small batch, a bucket edge, prefill (not a multiple of 64)
+UNALIGNED = (5, 130)          # token counts run with activations at an odd element offset
 DENSITY = 0.5                 # share of active experts per token
 
 
@@ -117,13 +119,24 @@ def compile_all(rows, workers: int) -> list:
         return list(ex.map(compile_one, *jobs))
 
 
-def make_inputs(case: Case, T: int, dtype: str, device):
+def _unaligned(t):
+    """The same values in a buffer one element past a 256-byte aligned start: a pointer
+    TensorRT may pass for an activation (the kernels promise alignment for weights only)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def make_inputs(case: Case, T: int, dtype: str, device, unaligned: bool = False):
     """The plugin's inputs in spec order (ONNX form: gate slots hold W_up/b_up when not
     gated, biases always present), the bool mask for the references, and poisoned outputs.
-    Random, seeded by (case, T, dtype) so every PTX target and tactic sees the same data."""
+    Random, seeded by (case, T, dtype) so every PTX target and tactic sees the same data.
+    unaligned: activations (x, mask, h and the outputs) start at an odd element."""
     d, F, E = case.d, case.F, case.F // case.expert_size
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{case.name}/{T}/{dtype}".encode()))
     tdt = TORCH_DTYPES[dtype]
+    act = _unaligned if unaligned else (lambda t: t)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(tdt)
@@ -132,11 +145,11 @@ def make_inputs(case: Case, T: int, dtype: str, device):
     w_up, b_up = randn(F, d, scale=d ** -0.5), randn(F, scale=0.1)
     w_gate, b_gate = (randn(F, d, scale=d ** -0.5), randn(F, scale=0.1)) if case.gated else (w_up, b_up)
     h = randn(T, F) * mask.repeat_interleave(case.expert_size, dim=1).to(tdt)
-    t = {"x": randn(T, d), "mask": mask.to(torch.int32), "w_gate": w_gate, "w_up": w_up,
-         "b_gate": b_gate, "b_up": b_up, "h": h, "w_down_t": randn(F, d, scale=F ** -0.5),
-         "b_down": randn(d, scale=0.1)}
-    out = {"h_out": torch.full((T, F), float("nan"), dtype=tdt, device=device),
-           "y": torch.full((T, d), float("nan"), dtype=tdt, device=device)}
+    t = {"x": act(randn(T, d)), "mask": act(mask.to(torch.int32)), "w_gate": w_gate,
+         "w_up": w_up, "b_gate": b_gate, "b_up": b_up, "h": act(h),
+         "w_down_t": randn(F, d, scale=F ** -0.5), "b_down": randn(d, scale=0.1)}
+    out = {"h_out": act(torch.full((T, F), float("nan"), dtype=tdt, device=device)),
+           "y": act(torch.full((T, d), float("nan"), dtype=tdt, device=device))}
     return t, mask, out
 
 
@@ -177,7 +190,7 @@ def check(fn, case, op, launch, refs):
 
     errs_ref, errs_torch, masked_zero, finite, torch_error = [], [], True, True, None
     for T in TOKENS:
-        t, mask, out = make_inputs(case, T, launch.dtype, "cuda")
+        t, mask, out = make_inputs(case, T, launch.dtype, "cuda", unaligned=T in UNALIGNED)
         key = (case.name, op, launch.dtype, T)
         if key not in refs:
             try:
