@@ -131,3 +131,28 @@ def test_cli_checks_the_file_before_tensorrt(tmp_path, capsys):
     assert code == 2 and "plain (dense) model" in err and not plan.exists()
     code, err, _ = _build(tmp_path, capsys, lte_graph(), "--batch", "4:2:1")
     assert code == 2 and "--batch='4:2:1'" in err
+
+
+@pytest.mark.slow
+def test_prepare_and_profile_a_real_export(tmp_path):
+    """The exporter's file (KV cache, fp16) as the builder sees it: 2 lte pairs, one INT32
+    cast per layer's mask, every input covered by the default profile."""
+    import torch
+    from tiny_models import tiny_model
+
+    from converter.checkpoint import fold
+    from converter.surgery import convert_model
+    from exporters.onnx_export import export_model
+
+    model, _ = tiny_model("llama")
+    model = convert_model(model, expert_size=16)
+    fold(model)
+    export_model(model.to(torch.float16).eval(), tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    p = builder.prepare_onnx(proto)
+    assert (p.n_lte_nodes, p.dtypes) == (4, {"fp16"})
+    casts = [n for n in p.model.graph.node if n.op_type == "Cast" and n.output[0].endswith("__int32")]
+    assert len(casts) == 2
+    shapes = builder.profile_shapes(proto)
+    assert set(shapes) == {i.name for i in proto.graph.input}
+    assert shapes["attention_mask"] == ((1, 1), (1, 128), (4, 1024))
