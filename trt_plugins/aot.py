@@ -15,18 +15,18 @@ that as plain data (a `Launch`) from the one kernel source, plugins/triton_kerne
     checks: scratch == 0, one CTA, shared memory < 48 KiB, parameter list as TensorRT calls it
 
 Sizes that vary at run time (T = tokens = product of the leading dims of x or h) stay
-symbolic: `launch_config` is evaluated on a `Sym("T")`, so grid and scalar arguments come
-out as small expression trees (`Expr`) that trt_plugins/plugin.py turns into trtp.SymInt32
-and samples/gpu_ptx_check.py evaluates with ints. d, F and expert_size are build-time
+symbolic: `LaunchConfig.grid` is evaluated on a `Sym("T")`, so grid and scalar arguments
+come out as small expression trees (int | variable name | (op, a, b)) that
+trt_plugins/plugin.py turns into trtp.SymInt32 and samples/gpu_ptx_check.py evaluates with ints. d, F and expert_size are build-time
 constants (they come from the weights).
 
 Rules this enforces (TensorRT's AOT contract): one kernel launch per plugin, scalar
 arguments are int32 and sit between the input and output pointers, no workspace, no float
 scalars. Mask: TensorRT plugins accept no BOOL tensors, so the engine builder casts the
 ONNX bool mask to INT32 in front of the plugins; the kernels are compiled with an `*i32`
-mask pointer here (PyTorch passes `*i1`).
+mask pointer here (PyTorch passes the bool mask as bytes).
 
-Only `triton` is needed (no GPU, no TensorRT); works with Triton 3.3 ... 3.9.
+Only `triton` is needed (no GPU, no TensorRT); tested with Triton 3.6 and 3.9.
 """
 from __future__ import annotations
 
