@@ -97,6 +97,13 @@ def _define(op, inputs, attrs, weight, out_dim):
         w = a[weight]
         F, d = (_constant(w.shape_expr[i], f"{weight}.shape[{i}]") for i in (0, 1))
         kw = {n: t(a[n]) for n, t in attrs.items()}          # plain int / str
+        bad = (kw["expert_size"] <= 0 or F % kw["expert_size"]
+               or kw.get("activation", "silu") not in spec.ACTIVATIONS
+               or kw.get("gated", 1) not in (0, 1))
+        if bad:
+            raise UserError(f"lte plugin {name}: attributes {kw} do not fit {weight} [{F}, {d}] "
+                            f"(expert_size must divide {F}; activation one of "
+                            f"{', '.join(spec.ACTIVATIONS)}; gated 0 or 1). Re-export the model.")
         return dict(arch=aot.ptx_arch(*aot.current_device_capability()),
                     dtype=DATA_TYPES[x.dtype], d=d, F=F, **kw)
 
