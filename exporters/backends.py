@@ -12,7 +12,6 @@ any float dtype, plus optionally `lte_mask.{k}` [..., E] bool: the k-th LTE FFN'
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -94,23 +93,25 @@ class OrtBackend:
                 "Identity", [name], [MASK_PREFIX + str(k)]))
         self.upcast = any(i.type.tensor_type.elem_type == TensorProto.BFLOAT16
                           for i in proto.graph.output)
-        self._tmp = tempfile.TemporaryDirectory(prefix="lte-validate-")
-        copy = Path(self._tmp.name) / path.name
-        if self.upcast:
-            onnx.load_external_data_for_model(proto, str(path.parent))
-            _upcast_graph(proto.graph)
-            onnx.save(proto, str(copy), save_as_external_data=True,
-                      location=path.name + ".data", size_threshold=1024)
-        else:
-            for loc in {e.value for t in proto.graph.initializer for e in t.external_data
-                        if e.key == "location"}:
-                os.symlink((path.parent / loc).resolve(), Path(self._tmp.name) / loc)
-            onnx.save(proto, str(copy))
-        del proto
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.providers = providers()
-        self.session = ort.InferenceSession(str(copy), opts, providers=self.providers)
+        if self.upcast:
+            # the fp32 weights are new data: written (as external data) to a temporary folder
+            with tempfile.TemporaryDirectory(prefix="lte-validate-") as tmp:
+                copy = Path(tmp) / path.name
+                onnx.load_external_data_for_model(proto, str(path.parent))
+                _upcast_graph(proto.graph)
+                onnx.save(proto, str(copy), save_as_external_data=True,
+                          location=path.name + ".data", size_threshold=1024)
+                del proto
+                self.session = ort.InferenceSession(str(copy), opts, providers=self.providers)
+        else:
+            # the graph from memory, its external data read from beside the original file
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(path.parent.resolve()))
+            self.session = ort.InferenceSession(proto.SerializeToString(), opts,
+                                                providers=self.providers)
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
 
     def run(self, feeds):

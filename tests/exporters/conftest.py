@@ -1,0 +1,44 @@
+"""Folded LTE checkpoints of tiny models, shared by the exporter tests."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny_models import random_ids, tiny_model  # noqa: E402
+
+
+@torch.no_grad()
+def route_half(model, ids):
+    """Shift each router's bias so every expert is on for about half of the tokens in `ids`."""
+    from converter.surgery import lte_modules
+
+    z = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, i=i: z.__setitem__(i, mod.router_logits(args[0])))
+        for i, m in lte_modules(model)]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    for i, m in lte_modules(model):
+        m.router.bias -= z[i].reshape(-1, z[i].shape[-1]).median(0).values
+
+
+def folded_checkpoint(model, path, tokenizer=None, source="tiny", ids=None):
+    """Convert `model` (expert size 32), route about half the experts, fold, save; -> path."""
+    from converter.checkpoint import fold, save_lte_checkpoint
+    from converter.surgery import convert_model, lte_modules
+
+    convert_model(model, expert_size=32)
+    route_half(model, random_ids(4, 16) if ids is None else ids)
+    fold(model)
+    n = len(lte_modules(model))
+    save_lte_checkpoint(model, path, {"source_model": source, "layer_sparsity": [0.5] * n,
+                                      "sparsity": 0.5}, tokenizer=tokenizer)
+    return Path(path)
+
+
+def tiny_checkpoint(family, path, **overrides):
+    model, tok = tiny_model(family, **overrides)
+    return folded_checkpoint(model, path, tok, source=f"tiny-{family}")

@@ -1,0 +1,186 @@
+"""Export every family (tiny random models) and validate it against PyTorch through ORT.
+
+One export per (family, KV cache) is shared by the structure and validation checks.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from converter.errors import UserError
+from exporters import metadata
+from exporters.onnx_export import data_path, export_checkpoint
+from exporters.validate import validate
+from plugins import spec
+from tests.exporters.conftest import tiny_checkpoint
+from tiny_models import FAMILIES, HIDDEN, LAYERS
+
+ENCODERS = ("bert", "roberta")
+DECODERS = tuple(f for f in FAMILIES if f not in ENCODERS)
+ACTIVATION = {"gpt2": "gelu_tanh", "bert": "gelu", "roberta": "gelu", "opt": "relu",
+              "gpt_neox": "gelu", "gemma": "gelu_tanh"}      # others: silu
+# Without cache every decoder goes through the same wrapper: two of them by default, the rest slow.
+NOKV_DEFAULT = ("llama", "gpt2", "bert", "roberta")
+CASES = [pytest.param(f, True, id=f"{f}-kv") for f in DECODERS] + [
+    pytest.param(f, False, id=f"{f}-nokv",
+                 marks=() if f in NOKV_DEFAULT else pytest.mark.slow) for f in FAMILIES]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = tiny_checkpoint(family, tmp_path_factory.mktemp("ckpt") / family)
+        return made[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, tmp_path_factory):
+    made = {}
+
+    def get(family, kv):
+        if (family, kv) not in made:
+            out = tmp_path_factory.mktemp("onnx") / f"{family}-{int(kv)}.onnx"
+            made[family, kv] = export_checkpoint(checkpoints(family), out, kv_cache=kv)
+        return made[family, kv]
+    return get
+
+
+def _dims(vi):
+    return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("family,kv", CASES)
+def test_export_and_validate(family, kv, checkpoints, exported):
+    r = exported(family, kv)
+    assert r["kv_cache"] == kv and not r["external_data"]
+    m = onnx.load(r["path"])
+    onnx.checker.check_model(m, full_check=True)
+    assert {o.domain: o.version for o in m.opset_import}[""] >= 18
+
+    # the custom node pair per layer, attributes from the spec, weights in kernel layout
+    ups = [n for n in m.graph.node if n.domain == spec.NAMESPACE and n.op_type == spec.OP_UP]
+    downs = [n for n in m.graph.node if n.domain == spec.NAMESPACE and n.op_type == spec.OP_DOWN]
+    assert len(ups) == len(downs) == LAYERS
+    attrs = {a.name: a for a in ups[0].attribute}
+    assert attrs["activation"].s.decode() == ACTIVATION.get(family, "silu")
+    assert attrs["gated"].i == int(family in ("llama", "mistral", "qwen2", "qwen3", "gemma"))
+    assert attrs["plugin_namespace"].s.decode() == spec.NAMESPACE
+    inits = {t.name: t for t in m.graph.initializer}
+    w_down_t = inits[downs[0].input[2]]
+    assert tuple(w_down_t.dims) == (160, HIDDEN)          # [F, d]: W_down transposed
+    assert {(f.domain, f.name) for f in m.functions} == {
+        (spec.NAMESPACE, spec.OP_UP), (spec.NAMESPACE, spec.OP_DOWN)}
+
+    # names and dynamic axes as the ecosystem (optimum) has them
+    ins = {i.name: _dims(i) for i in m.graph.input}
+    outs = {o.name: _dims(o) for o in m.graph.output}
+    assert ins["input_ids"] == ["batch", "seq"]
+    assert outs["logits"][:2] == ["batch", "seq"]
+    if kv:
+        assert ins["attention_mask"] == ["batch", "total_seq"]
+        assert ins["position_ids"] == ["batch", "seq"]
+        for i in range(LAYERS):
+            for k in ("key", "value"):
+                d = ins[f"past_key_values.{i}.{k}"]
+                assert d[0] == "batch" and d[2] == "past_seq" and isinstance(d[1], int)
+                assert outs[f"present.{i}.{k}"][0] == "batch"
+        assert len(ins) == 3 + 2 * LAYERS and len(outs) == 1 + 2 * LAYERS
+    else:
+        assert list(ins) == ["input_ids", "attention_mask"] and list(outs) == ["logits"]
+
+    meta = metadata.read({p.key: p.value for p in m.metadata_props})
+    assert meta["format"] == "lte-onnx" and meta["format_version"] == "1"
+    assert meta["expert_size"] == "32" and meta["sparsity"] == [0.5] * LAYERS
+    assert meta["source_model"] == f"tiny-{family}" and meta["model_type"] == family
+    assert meta["kv_cache"] == str(int(kv)) and meta["dtype"] == "float32"
+
+    rep = validate(r["path"], checkpoints(family), n=2, seq_len=12)
+    assert rep["passed"], rep["failures"]
+    assert rep["steps"][next(iter(rep["steps"]))]["max_abs"] < 1e-4
+    assert list(rep["steps"]) == (["prefill", "decode"] if kv else ["full"])
+    for s in rep["steps"].values():
+        assert s["top1_agreement"] == 1.0 and s["mask_flips_per_layer"] == [0] * LAYERS
+    assert json.loads(open(rep["report_path"]).read())["passed"]
+
+
+def test_external_data(checkpoints, tmp_path):
+    out = tmp_path / "big" / "model.onnx"
+    r = export_checkpoint(checkpoints("llama"), out, external_data_threshold=1024)
+    assert r["external_data"] and data_path(out).is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    m = onnx.load(str(out), load_external_data=False)
+    locs = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locs == {"model.onnx.data"}
+    inline = [t.name for t in m.graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
+    assert inline == [] and data_path(out).stat().st_size >= r["bytes"] * 0.9
+    assert validate(out, checkpoints("llama"), n=2, seq_len=8)["passed"]
+    # a later inline export to the same path leaves no stale data file behind
+    export_checkpoint(checkpoints("llama"), out, kv_cache=False)
+    assert not data_path(out).exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision(dtype, checkpoints, tmp_path):
+    out = tmp_path / f"{dtype}.onnx"
+    r = export_checkpoint(checkpoints("llama"), out, dtype=dtype)
+    want = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
+    m = onnx.load(str(out))
+    down = next(n for n in m.graph.node if n.op_type == spec.OP_DOWN)
+    w = next(t for t in m.graph.initializer if t.name == down.input[2])
+    assert w.data_type == want and r["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    assert {o.name: o.type.tensor_type.elem_type for o in m.graph.output}["logits"] == want
+    rep = validate(out, checkpoints("llama"), n=2, seq_len=12)
+    assert rep["passed"], rep["failures"]
+    assert rep["compute_dtype"] == ("float16" if dtype == "fp16" else "float32")
+
+
+def test_model_not_fitting_dtype(tmp_path):
+    import torch
+
+    from tests.exporters.conftest import folded_checkpoint
+    from tiny_models import tiny_model
+
+    model, _ = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = 1e6     # > fp16 max (65504)
+    ckpt = folded_checkpoint(model, tmp_path / "ckpt")
+    out = tmp_path / "out" / "m.onnx"
+    with pytest.raises(UserError, match="does not fit float16.*self_attn.o_proj"):
+        export_checkpoint(ckpt, out, dtype="fp16")
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_unfolded_checkpoint_refused(tmp_path):
+    from converter.checkpoint import save_lte_checkpoint
+    from converter.surgery import convert_model
+    from tiny_models import tiny_model
+
+    model, _ = tiny_model("llama")
+    convert_model(model)
+    save_lte_checkpoint(model, tmp_path / "ckpt")
+    with pytest.raises(UserError, match="not folded.*lte-convert fold"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_weights_are_the_checkpoints(checkpoints, exported):
+    """The ONNX initializers are the checkpoint's permuted FFN weights, W_down transposed."""
+    from converter.checkpoint import load_lte_model
+    from converter.surgery import lte_modules
+
+    model, _ = load_lte_model(checkpoints("gpt2"))
+    m = onnx.load(exported("gpt2", True)["path"])
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    ups = [n for n in m.graph.node if n.op_type == spec.OP_UP]
+    downs = [n for n in m.graph.node if n.op_type == spec.OP_DOWN]
+    for (_, ffn), up, down in zip(lte_modules(model), ups, downs):
+        np.testing.assert_array_equal(inits[up.input[3]], ffn.w_up.detach().numpy())
+        np.testing.assert_array_equal(inits[up.input[5]], ffn.b_up.detach().numpy())
+        np.testing.assert_array_equal(inits[down.input[2]], ffn.w_down_t.detach().numpy())
