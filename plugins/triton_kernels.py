@@ -289,11 +289,13 @@ TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 def ast_source(op: str, dtype: torch.dtype, cfg: LaunchConfig, *, expert_size: int,
                activation: str = "silu", gated: bool = True, has_bias: bool = True,
-               aligned: bool = True):
+               aligned: bool = True, mask_pointer: str = "*u8"):
     """`triton.compiler.ASTSource` of one kernel specialisation, for ahead-of-time compiles.
 
     aligned=True promises 16-byte aligned pointers and D, F multiples of 16 (lets the
-    compiler emit 16-byte vector loads, as the JIT does by specialisation).
+    compiler emit 16-byte vector loads, as the JIT does by specialisation). mask_pointer may
+    be any integer pointer type ("*u8" for a bool tensor, "*i32" for TensorRT's INT32 mask):
+    the kernels test `mask != 0`.
     Compile with `triton.compile(src, target=GPUTarget("cuda", 90, 32),
     options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})`.
     """
@@ -304,8 +306,9 @@ def ast_source(op: str, dtype: torch.dtype, cfg: LaunchConfig, *, expert_size: i
     consts = dict(cfg.constexprs(), EXPERT_SIZE=expert_size, HAS_BIAS=int(has_bias))
     if op == "up":
         consts.update(ACTIVATION=ACTIVATION_CODES[activation], GATED=int(gated))
-    sig = {n: ("*u8" if n == "mask_ptr" else f"*{TRITON_DTYPES[dtype]}") if n.endswith("_ptr")
-           else "i32" if n in ("T", "D", "F") else "constexpr" for n in names}
+    pointer = {n: mask_pointer if n == "mask_ptr" else f"*{TRITON_DTYPES[dtype]}" for n in names}
+    sig = {n: pointer[n] if n.endswith("_ptr") else "i32" if n in ("T", "D", "F") else "constexpr"
+           for n in names}
     assert set(consts) == {n for n in names if sig[n] == "constexpr"}, (consts, names)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if aligned and (n.endswith("_ptr") or n in ("D", "F"))}

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import triton
+import plugins  # noqa: F401  (registers torch.ops.lte.*)
 from plugins import triton_kernels as tk
 from plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference
 from plugins.triton_kernels import LaunchConfig
@@ -47,6 +48,17 @@ SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9)
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DEV = "cuda"
 DTYPE = torch.bfloat16      # of the timed problems (--dtype)
+DEADLINE = float("inf")     # time.time() after which sections stop adding rows (--budget-s)
+TUNE_DEADLINE = float("inf")  # tuning stops earlier, leaving time for the timings
+REPORT: dict = {}
+
+
+def out_of_time(rows, what, deadline=None):
+    if time.time() < (deadline or DEADLINE):
+        return False
+    rows.append({"truncated": f"--budget-s reached before {what}"})
+    print("budget reached: skipping", what, flush=True)
+    return True
 
 # Config variants tried with --tune: (block_t, block_f, block_d, num_warps[, num_stages]).
 # block_t=1 is the register GEMV path, block_t=16 the tl.dot path (cp.async pipelined through
@@ -254,8 +266,7 @@ def check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed, up_cfg=None, d
     return res
 
 
-def correctness():
-    rows = []
+def correctness(rows):
     seed = 0
     for d, Fdim, s, gated, bias, act, dtype, Ts, kinds in CORRECTNESS:
         for T in Ts:
@@ -270,7 +281,6 @@ def correctness():
                 if not r["ok"]:
                     print("FAILED", name, r, flush=True)
     rows.append(dict(case="cuda graph: mask changed in place between replays", **graph_check()))
-    return rows
 
 
 def graph_check():
@@ -297,13 +307,14 @@ def graph_check():
     return {"rel": errs, "ok": all(e <= 1e-2 for e in errs)}
 
 
-def timings(quick_shapes=None):
-    rows = []
+def timings(rows):
     for shape, (d, Fdim, s, layers) in SHAPES.items():
         E = Fdim // s
         ws = [weights(d, Fdim, seed=i) for i in range(layers)]
         w_down = [w["w_down_t"].t().contiguous() for w in ws]     # HF layout for dense
         for T in TOKENS:
+            if out_of_time(rows, f"{shape} T={T}"):
+                return
             x = torch.randn(T, d, device=DEV).to(DTYPE)
             dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd)
                      for w, wd in zip(ws, w_down)]
@@ -315,6 +326,11 @@ def timings(quick_shapes=None):
                 row = dict(shape=shape, T=T, sparsity=sp, union=round(union, 3),
                            dense_eager_us=dense_eager, dense_graph_us=dense_graph,
                            sparse_eager_us=time_eager(fns), sparse_graph_us=time_graph(fns))
+                if T <= 16:   # the path users take: torch.ops.lte.sparse_ffn (checks included)
+                    ops = [lambda m=m, w=w: torch.ops.lte.sparse_ffn(
+                        x, m, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None, s, "silu")
+                        for m, w in zip(masks, ws)]
+                    row["op_eager_us"], row["op_graph_us"] = time_eager(ops), time_graph(ops)
                 if T >= tk.DENSE_MIN_TOKENS:
                     row["kernels_graph_us"] = time_graph(
                         [sparse_fn(x, m, w, s, kernels_only=True) for m, w in zip(masks, ws)])
@@ -322,6 +338,7 @@ def timings(quick_shapes=None):
                 row["speedup_eager"] = dense_eager / row["sparse_eager_us"]
                 row["frac_ideal_graph"] = dense_graph * union / row["sparse_graph_us"]
                 rows.append(row)
+                save()
                 print(f"{shape:13s} T={T:5d} sp={sp:.2f} union={union:.2f} dense {dense_graph:8.1f}/"
                       f"{dense_eager:8.1f} us sparse {row['sparse_graph_us']:8.1f}/"
                       f"{row['sparse_eager_us']:8.1f} us (graph/eager) x{row['speedup_graph']:.2f}"
@@ -336,12 +353,10 @@ def timings(quick_shapes=None):
                              dense_graph_us=time_graph(half)))
         del ws, w_down
         torch.cuda.empty_cache()
-    return rows
 
 
-def tune():
+def tune(out):
     """Per-kernel config variants at the decode shapes; correctness first, then graph time."""
-    out = []
     plans = [("llama2-7b", 1, 0.5, UP_VARIANTS_T1 + UP_VARIANTS_DOT,
               DOWN_VARIANTS_T1 + DOWN_VARIANTS_DOT),
              ("llama2-7b", 1, 0.0, [], []),
@@ -349,6 +364,8 @@ def tune():
              ("llama2-7b", 16, 0.5, UP_VARIANTS_DOT, DOWN_VARIANTS_DOT),
              ("smollm2-135m", 1, 0.5, SMALL_UP_VARIANTS_T1, SMALL_DOWN_VARIANTS_T1)]
     for shape, T, sp, ups, downs in plans:
+        if out_of_time(out, f"tuning {shape} T={T}", TUNE_DEADLINE):
+            return
         d, Fdim, s, layers = SHAPES[shape]
         E = Fdim // s
         ws = [weights(d, Fdim, seed=i) for i in range(layers)]
@@ -364,6 +381,8 @@ def tune():
         for op, variants, default in (("up", ups, default_up), ("down", downs, default_down)):
             cfgs = [default] + [LaunchConfig(op, *v) for v in variants]
             for cfg in dict.fromkeys(cfgs):
+                if out_of_time(out, f"tuning {shape} T={T} {op} {cfg}", TUNE_DEADLINE):
+                    break
                 rec = dict(shape=shape, T=T, sparsity=sp, op=op, config=list(cfg.__dict__.values()),
                            default=cfg == default)
                 try:
@@ -387,30 +406,32 @@ def tune():
                     rec["ok"] = False
                     rec["error"] = traceback.format_exc()[-800:]
                 out.append(rec)
+                save()
                 print(f"tune {shape} T={T} sp={sp} {op} {rec['config']} ok={rec['ok']} "
                       f"{rec.get('graph_us', float('nan')):.1f} us {rec.get('tb_s', 0)} TB/s",
                       flush=True)
         del ws, hs
         torch.cuda.empty_cache()
-    return out
 
 
-def best_combined(tuned):
-    """LLaMA T=1 sp=0.5 end to end with the best up and down configs vs default/dense."""
+def best_combined(res):
+    """LLaMA T=1 end to end with the best up and down configs (of sparsity 0.5) vs dense."""
+    tuned = REPORT.get("tune", [])
     best = {}
     for r in tuned:
-        if r["shape"] == "llama2-7b" and r["T"] == 1 and r["sparsity"] == 0.5 and r.get("ok"):
+        if (r.get("shape") == "llama2-7b" and r["T"] == 1 and r["sparsity"] == 0.5
+                and r.get("ok")):
             if r["op"] not in best or r["graph_us"] < best[r["op"]]["graph_us"]:
                 best[r["op"]] = r
     if len(best) < 2:
-        return {}
+        return
     d, Fdim, s, layers = SHAPES["llama2-7b"]
     ws = [weights(d, Fdim, seed=i) for i in range(layers)]
     w_down = [w["w_down_t"].t().contiguous() for w in ws]
     x = torch.randn(1, d, device=DEV).to(DTYPE)
     up_cfg = LaunchConfig("up", *best["up"]["config"][1:])
     down_cfg = LaunchConfig("down", *best["down"]["config"][1:])
-    res = {"up": best["up"]["config"], "down": best["down"]["config"]}
+    res.update(up=best["up"]["config"], down=best["down"]["config"])
     dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd) for w, wd in zip(ws, w_down)]
     res["dense_graph_us"], res["dense_eager_us"] = time_graph(dense), time_eager(dense)
     for sp in SPARSITIES:
@@ -419,14 +440,14 @@ def best_combined(tuned):
         res[f"sp{sp}"] = {"graph_us": time_graph(fns), "eager_us": time_eager(fns)}
         res[f"sp{sp}"]["speedup_graph"] = res["dense_graph_us"] / res[f"sp{sp}"]["graph_us"]
         res[f"sp{sp}"]["speedup_eager"] = res["dense_eager_us"] / res[f"sp{sp}"]["eager_us"]
-    return res
+        save()
 
 
 # ---------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------
 def markdown(report):
-    env = report["environment"]
+    env = report.get("environment", {})
     lines = [f"# GPU benchmark: {env.get('device')} ({env.get('date_utc')} UTC)", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, copy bandwidth "
              f"{env.get('copy_tb_s')} TB/s, {env.get('nvidia_smi', '')}", ""]
@@ -436,24 +457,31 @@ def markdown(report):
               "(outputs NaN-poisoned first; bf16/fp16 rel err <= 1e-2, fp32 <= 1e-5)."]
     lines += [f"- FAILED {r['case']}: {({k: v for k, v in r.items() if k != 'case'})}" for r in bad]
     lines += ["", "| shape | T | sparsity | union | dense graph µs | sparse graph µs | speed-up graph"
-              " | frac of ideal | dense eager µs | sparse eager µs | speed-up eager | kernels-only graph µs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              " | frac of ideal | dense eager µs | sparse eager µs | speed-up eager | kernels-only graph µs"
+              " | torch.ops.lte eager / graph µs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("timings", []):
-        if "note" in r:
+        if "sparse_graph_us" not in r:
             continue
         lines.append(f"| {r['shape']} | {r['T']} | {r['sparsity']} | {r['union']} | "
                      f"{r['dense_graph_us']:.1f} | {r['sparse_graph_us']:.1f} | "
                      f"{r['speedup_graph']:.2f} | {r['frac_ideal_graph']:.2f} | "
                      f"{r['dense_eager_us']:.1f} | {r['sparse_eager_us']:.1f} | "
                      f"{r['speedup_eager']:.2f} | "
-                     + (f"{r['kernels_graph_us']:.1f} |" if "kernels_graph_us" in r else "– |"))
-    for r in report.get("timings", []):
+                     + (f"{r['kernels_graph_us']:.1f} |" if "kernels_graph_us" in r else "– |")
+                     + (f" {r['op_eager_us']:.1f} / {r['op_graph_us']:.1f} |" if "op_eager_us" in r
+                        else " – |"))
+    for r in report.get("timings", []) + report.get("tune", []):
         if "note" in r:
             lines.append(f"\n{r['shape']}: {r['note']}: {r['dense_graph_us']:.1f} µs")
+        if "truncated" in r:
+            lines.append(f"\n{r['truncated']}")
     if report.get("tune"):
         lines += ["", "| shape | T | sparsity | op | (op, block_t, block_f, block_d, warps, stages) |"
                   " ok | graph µs | TB/s |", "|---|---|---|---|---|---|---|---|"]
         for r in report["tune"]:
+            if "op" not in r:
+                continue
             lines.append(f"| {r['shape']} | {r['T']} | {r['sparsity']} | {r['op']} | "
                          f"{r['config']}{' (default)' if r['default'] else ''} | {r['ok']} | "
                          f"{r.get('graph_us', float('nan')):.1f} | {r.get('tb_s', '')} |")
@@ -462,49 +490,53 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def save():
+    out = REPORT["_out"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_bench.json"), "w") as f:
+        json.dump({k: v for k, v in REPORT.items() if k != "_out"}, f, indent=1, default=str)
+    with open(os.path.join(out, "gpu_bench.md"), "w") as f:
+        f.write(markdown(REPORT))
+
+
 def main():
+    global DTYPE, DEADLINE, TUNE_DEADLINE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true", help="also time kernel config variants")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
                     help="dtype of the timed problems (correctness covers all)")
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="stop adding timing rows after this many seconds (tuning rows "
+                         "after 60%% of it)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for json/md")
     args = ap.parse_args()
-    global DTYPE
     DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     t0 = time.time()
-    report = {}
-
-    def save():
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
-            f.write(markdown(report))
-
-    sections = [("environment", environment), ("correctness", correctness)]
+    DEADLINE = t0 + args.budget_s
+    TUNE_DEADLINE = t0 + 0.6 * args.budget_s
+    REPORT["_out"] = args.out
+    sections = [("environment", None), ("correctness", correctness)]
     if args.tune:
-        sections.append(("tune", tune))
+        sections += [("tune", tune), ("best_combined", best_combined)]
     sections.append(("timings", timings))
     for name, fn in sections:
         t = time.time()
         try:
-            report[name] = fn()
+            if fn is None:
+                REPORT[name] = environment()
+            else:
+                REPORT[name] = {} if name == "best_combined" else []
+                fn(REPORT[name])
         except Exception:
-            report[name + "_error"] = traceback.format_exc()
-            print(report[name + "_error"], flush=True)
+            REPORT[name + "_error"] = traceback.format_exc()
+            print(REPORT[name + "_error"], flush=True)
         print(f"== {name} done in {time.time() - t:.0f} s (total {time.time() - t0:.0f} s)",
               flush=True)
         save()
-    if args.tune and report.get("tune"):
-        try:
-            report["best_combined"] = best_combined(report["tune"])
-        except Exception:
-            report["best_combined_error"] = traceback.format_exc()
-        save()
-    print(markdown(report))
+    print(markdown(REPORT))
     print(f"total {time.time() - t0:.0f} s")
-    return 0 if all(r.get("ok") for r in report.get("correctness", [])) else 1
+    return 0 if all(r.get("ok") for r in REPORT.get("correctness", [])) else 1
 
 
 if __name__ == "__main__":
