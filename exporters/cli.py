@@ -9,6 +9,12 @@ import click
 DTYPE_CHOICE = click.Choice(["fp32", "fp16", "bf16"])
 
 
+class _Failed(click.ClickException):
+    """A comparison out of tolerance: exit code 1 (user errors exit with 2)."""
+
+    exit_code = 1
+
+
 def _threshold_option(f):
     from exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
 
@@ -71,8 +77,7 @@ def _print_export(r: dict, seconds: float):
                    "Runtime (needs TensorRT and a GPU).")
 @click.option("--report", type=click.Path(path_type=Path),
               help="JSON report path [default: <onnx stem>.validation.json beside the file].")
-@click.pass_context
-def validate(ctx, onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_rate, engine,
+def validate(onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_rate, engine,
              report):
     """Compare ONNX Runtime (or a TensorRT engine) with PyTorch; exit 1 when out of tolerance."""
     from exporters.validate import format_table
@@ -87,7 +92,7 @@ def validate(ctx, onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_r
                        report_path=report)
     click.echo(format_table(r))
     if not r["passed"]:
-        ctx.exit(1)
+        raise _Failed(f"validation failed; report in {r['report_path']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +114,7 @@ def validate(ctx, onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_r
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted training run.")
 @_threshold_option
-@click.pass_context
-def run(ctx, model, out, sparsity, data, checkpoint, dtype, no_kv_cache, overwrite, resume,
+def run(model, out, sparsity, data, checkpoint, dtype, no_kv_cache, overwrite, resume,
         external_data_threshold):
     """Train LTE routers, fold, export to ONNX and validate: MODEL -> model.onnx."""
     from exporters.pipeline import run_pipeline, summary
@@ -121,4 +125,5 @@ def run(ctx, model, out, sparsity, data, checkpoint, dtype, no_kv_cache, overwri
                      external_data_threshold=external_data_threshold, echo=click.echo)
     click.echo(summary(r))
     if not r["validation"]["passed"]:
-        ctx.exit(1)
+        raise _Failed("the exported model failed validation against PyTorch (table above, "
+                      f"report in {r['validation']['report_path']}); the files are kept")
