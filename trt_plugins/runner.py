@@ -92,19 +92,22 @@ class EngineRunner:
         if missing:
             raise UserError(f"The engine needs inputs {missing}; got {sorted(feeds)}.")
         dev = torch.device("cuda")
+        # empty tensors (an empty KV cache) still get a valid address
+        spare = torch.empty(256, dtype=torch.uint8, device=dev)
+        address = lambda t: t.data_ptr() if t.numel() else spare.data_ptr()  # noqa: E731
         keep = {}
         for n in self.inputs:
             a = np.asarray(feeds[n])
             self._check_shape(n, a.shape)
             keep[n] = _to_torch(a, _torch_dtype(self.trt, self.engine.get_tensor_dtype(n)), dev)
             self.context.set_input_shape(n, tuple(a.shape))
-            self.context.set_tensor_address(n, keep[n].data_ptr())
+            self.context.set_tensor_address(n, address(keep[n]))
         outs = {}
         for n in self.outputs:
             shape = tuple(self.context.get_tensor_shape(n))
             outs[n] = torch.empty(shape, device=dev,
                                   dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(n)))
-            self.context.set_tensor_address(n, outs[n].data_ptr())
+            self.context.set_tensor_address(n, address(outs[n]))
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise UserError(f"TensorRT failed to run the engine: {'; '.join(self.logger.errors)}")
