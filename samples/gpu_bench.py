@@ -487,6 +487,13 @@ def markdown(report):
                          f"{r.get('graph_us', float('nan')):.1f} | {r.get('tb_s', '')} |")
     if report.get("best_combined"):
         lines += ["", "Best configs combined, llama2-7b T=1: " + json.dumps(report["best_combined"])]
+    for r in report.get("timings", []):
+        if (r.get("shape"), r.get("T"), r.get("sparsity")) == ("llama2-7b", 1, 0.5):
+            lines += ["", f"BAR (issue 3: >= 2.0x): llama2-7b {str(DTYPE)[6:]} T=1 sparsity 0.5 "
+                      f"(default configs): x{r['speedup_graph']:.2f} as CUDA graph "
+                      f"({r['dense_graph_us']:.1f} -> {r['sparse_graph_us']:.1f} µs), "
+                      f"x{r['speedup_eager']:.2f} eager "
+                      f"({r['dense_eager_us']:.1f} -> {r['sparse_eager_us']:.1f} µs)"]
     return "\n".join(lines) + "\n"
 
 
