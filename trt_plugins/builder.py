@@ -229,10 +229,10 @@ def build_engine(onnx_path, engine_path, *, dims: dict | None = None, allow_dens
     shapes = profile_shapes(model, dims)
 
     trt = import_tensorrt()
-    from trt_plugins import aot
-
-    aot.ptx_arch(*aot.current_device_capability())    # refuses GPUs older than sm_80
     if prepared.n_lte_nodes:
+        from trt_plugins import aot
+
+        aot.ptx_arch(*aot.current_device_capability())    # refuses GPUs older than sm_80
         import trt_plugins.plugin  # noqa: F401  (registers lte::SparseFFNUp/Down)
 
     logger = make_logger(trt, verbose)

@@ -79,7 +79,7 @@ def test_launch_data_matches_kernel_signature_and_launch_config(op):
         runtime = [n for n in fn.arg_names if n not in launch.constexprs]
         assert runtime == [f"{n}_ptr" for n in inputs] + [n for n, _ in launch.scalars] + \
             [f"{n}_ptr" for n in outputs]
-        assert launch.signature[f"mask_ptr"] == "*i32"        # TensorRT gives an INT32 mask
+        assert launch.signature["mask_ptr"] == "*i32"        # TensorRT gives an INT32 mask
         assert all(launch.signature[f"{n}_ptr"] == "*fp16" for n in inputs + outputs if n != "mask")
         ptrs = {n: 1000 + i for i, n in enumerate(inputs + outputs)}
         for T in (1, 2, 15, 16, 17, 64, 65, 1000, 4097):
