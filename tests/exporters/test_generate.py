@@ -1,0 +1,64 @@
+"""Greedy decoding through ONNX Runtime with the KV cache = PyTorch generate(), real weights."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters.backends import OrtBackend
+from exporters.generate import greedy_generate
+from exporters.onnx_export import export_checkpoint
+from exporters.validate import cache_layout
+from tests.exporters.conftest import folded_checkpoint
+
+PROMPTS = ["ROMEO. But soft, what light through yonder window breaks?",
+           "To be, or not"]
+
+
+def _generate_both(model_dir, tmp_path, new_tokens, dtype="fp32"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from converter.checkpoint import load_lte_model
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    text = open(__import__("samples.default", fromlist=["x"]).shakespeare_texts()[1][0]).read()
+    ids = tok(text[:20000], return_tensors="pt").input_ids[:, :512].reshape(4, 128)
+    ckpt = folded_checkpoint(model, tmp_path / "ckpt", tok, source=str(model_dir), ids=ids)
+    out = export_checkpoint(ckpt, tmp_path / "model.onnx", dtype=dtype)["path"]
+    proto = onnx.load(out, load_external_data=False)
+    ort_backend = OrtBackend(out, proto, masks=False)
+    lte, _ = load_lte_model(ckpt)
+
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    results = []
+    for rows in ([0], [0, 1]):                       # batch 1, and a left-padded batch of 2
+        ids, mask = enc.input_ids[rows], enc.attention_mask[rows]
+        if len(rows) == 1:
+            keep = mask[0].bool()
+            ids, mask = ids[:, keep], mask[:, keep]
+        with torch.no_grad():
+            ref = lte.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                               do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+        got = greedy_generate(ort_backend, cache_layout(proto), ids.numpy(), new_tokens,
+                              attention_mask=mask.numpy())
+        results.append((ref.numpy(), got))
+    return results
+
+
+def test_glassllm_greedy_matches_pytorch(tmp_path):
+    from samples.default import glassllm_model_dir
+
+    for ref, got in _generate_both(glassllm_model_dir(), tmp_path, 24):
+        np.testing.assert_array_equal(got, ref)
+        assert ref.shape[1] >= 24
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_pytorch(tmp_path):
+    from samples.default import default_model_dir
+
+    for ref, got in _generate_both(default_model_dir(), tmp_path, 16):
+        np.testing.assert_array_equal(got, ref)
