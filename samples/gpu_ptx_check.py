@@ -9,7 +9,8 @@ and sm_90a) and tactic, this script
      JIT-compiled by the driver on newer GPUs, sm_90a PTX runs on compute 9.0 only);
   3. for several token counts T, on fresh random inputs (mask as INT32, as TensorRT gives
      it after the builder's Cast; for some T the activations start at an odd element, as a
-     TensorRT view may), with the output buffer poisoned with NaN, launches the
+     TensorRT view may; weight rows of experts no token uses are NaN, so reading one shows),
+     with the output buffer poisoned with NaN, launches the
      kernel with exactly the grid, block, shared memory and argument list TensorRT builds
      (input pointers, int32 scalars, output pointers, then a null pointer per hidden
      Triton scratch parameter);
@@ -130,10 +131,16 @@ def _unaligned(t):
 
 
 def make_inputs(case: Case, T: int, dtype: str, device, unaligned: bool = False):
-    """The plugin's inputs in spec order (ONNX form: gate slots hold W_up/b_up when not
-    gated, biases always present), the bool mask for the references, and poisoned outputs.
-    Random, seeded by (case, T, dtype) so every PTX target and tactic sees the same data.
-    unaligned: activations (x, mask, h and the outputs) start at an odd element."""
+    """(kernel inputs, reference inputs, bool mask, poisoned outputs).
+
+    Inputs follow the spec's order in ONNX form (gate slots hold W_up/b_up when not gated,
+    biases always present). Random, seeded by (case, T, dtype) so every PTX target and
+    tactic sees the same data. The kernel's copies differ from the reference's in two
+    ways that must not change the result: rows of W_gate/W_up/W_down_t of experts no token
+    uses are NaN (proves they are never read), and h holds random values at masked-off
+    positions (the down kernel must skip them). unaligned: activations (x, mask, h and the
+    outputs) start at an odd element.
+    """
     d, F, E = case.d, case.F, case.F // case.expert_size
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{case.name}/{T}/{dtype}".encode()))
     tdt = TORCH_DTYPES[dtype]
@@ -143,15 +150,26 @@ def make_inputs(case: Case, T: int, dtype: str, device, unaligned: bool = False)
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(tdt)
 
     mask = torch.rand(T, E, generator=gen, device=device) < DENSITY
+    rows_on = mask.repeat_interleave(case.expert_size, dim=1)               # [T, F]
     w_up, b_up = randn(F, d, scale=d ** -0.5), randn(F, scale=0.1)
     w_gate, b_gate = (randn(F, d, scale=d ** -0.5), randn(F, scale=0.1)) if case.gated else (w_up, b_up)
-    h = randn(T, F) * mask.repeat_interleave(case.expert_size, dim=1).to(tdt)
-    t = {"x": act(randn(T, d)), "mask": act(mask.to(torch.int32)), "w_gate": w_gate,
-         "w_up": w_up, "b_gate": b_gate, "b_up": b_up, "h": act(h),
-         "w_down_t": randn(F, d, scale=F ** -0.5), "b_down": randn(d, scale=0.1)}
+    h = randn(T, F)
+    ref = {"x": randn(T, d), "mask": mask, "w_gate": w_gate, "w_up": w_up, "b_gate": b_gate,
+           "b_up": b_up, "h": h * rows_on.to(tdt), "w_down_t": randn(F, d, scale=F ** -0.5),
+           "b_down": randn(d, scale=0.1)}
+    dead = ~rows_on.any(0)                                                   # rows no token uses
+
+    def poisoned(w):
+        w = w.clone()
+        w[dead] = float("nan")
+        return w
+
+    kern = dict(ref, x=act(ref["x"]), mask=act(mask.to(torch.int32)), h=act(h),
+                w_up=poisoned(w_up), w_down_t=poisoned(ref["w_down_t"]))
+    kern["w_gate"] = poisoned(w_gate) if case.gated else kern["w_up"]
     out = {"h_out": act(torch.full((T, F), float("nan"), dtype=tdt, device=device)),
            "y": act(torch.full((T, d), float("nan"), dtype=tdt, device=device))}
-    return t, mask, out
+    return kern, ref, mask, out
 
 
 def references(case, op, t, mask, with_torch_op: bool):
@@ -191,14 +209,14 @@ def check(fn, case, op, launch, refs):
 
     errs_ref, errs_torch, masked_zero, finite, torch_error = [], [], True, True, None
     for T in TOKENS:
-        t, mask, out = make_inputs(case, T, launch.dtype, "cuda", unaligned=T in UNALIGNED)
+        t, t_ref, mask, out = make_inputs(case, T, launch.dtype, "cuda", unaligned=T in UNALIGNED)
         key = (case.name, op, launch.dtype, T)
         if key not in refs:
             try:
                 with_op = case.every_target and T in TORCH_OP_TOKENS
-                refs[key] = (*references(case, op, t, mask, with_op), None)
+                refs[key] = (*references(case, op, t_ref, mask, with_op), None)
             except Exception as e:          # the PyTorch op failing must not hide the PTX result
-                refs[key] = (references(case, op, t, mask, False)[0], None,
+                refs[key] = (references(case, op, t_ref, mask, False)[0], None,
                              f"{type(e).__name__}: {e}")
         ref, mine, err = refs[key]
         torch_error = torch_error or err
@@ -276,7 +294,7 @@ def main(argv=None):
             say(f"{case.name:14} {op:13} {row['ptx_target']:6} {dtype:5} {tactic:>3}  left out "
                   f"of the TensorRT tactics: {launch}")
             continue
-        t, _, out = make_inputs(case, 130, dtype, "cpu")
+        t, _, _, out = make_inputs(case, 130, dtype, "cpu")
         grid, _, _, kargs = launch_args(launch, t, out, 130)
         row.update(kernel=launch.kernel_name, block=launch.block, shared_mem=launch.shared_mem,
                    hidden_pointers=launch.hidden_pointers, n_args=len(kargs),

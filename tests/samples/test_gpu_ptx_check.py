@@ -27,7 +27,7 @@ def test_launch_args_match_the_ptx_parameters(unaligned):
     launch = aot.compile_op(spec.OP_UP, arch=80, dtype="fp16", tactic=1, d=case.d, F=case.F,
                             expert_size=case.expert_size, activation=case.activation,
                             gated=case.gated)
-    t, mask, out = g.make_inputs(case, 5, "fp16", "cpu", unaligned=unaligned)
+    t, ref, mask, out = g.make_inputs(case, 5, "fp16", "cpu", unaligned=unaligned)
     grid, block, smem, args = g.launch_args(launch, t, out, 5)
     width = {"u64": np.uint64, "u32": np.int32}
     assert [type(a) for a in args] == [width[p] for p in aot.ptx_params(launch.ptx, launch.kernel_name)]
@@ -38,3 +38,15 @@ def test_launch_args_match_the_ptx_parameters(unaligned):
     cfg = aot.configs(spec.OP_UP, d=case.d, F=case.F, expert_size=case.expert_size, dtype="fp16")[0]
     assert grid == tuple(cfg.grid(5, case.d, case.F)) + (1,) and block == (launch.block, 1, 1)
     assert smem == launch.shared_mem
+
+
+def test_kernel_inputs_differ_from_the_reference_only_where_the_op_must_not_look():
+    case = g.CASES[0]
+    t, ref, mask, _ = g.make_inputs(case, 3, "fp32", "cpu", unaligned=True)
+    rows_on = mask.repeat_interleave(case.expert_size, dim=1)
+    dead = ~rows_on.any(0)
+    assert dead.any() and not dead.all()
+    for w in ("w_gate", "w_up", "w_down_t"):
+        assert t[w][dead].isnan().all() and t[w][~dead].equal(ref[w][~dead])
+    assert t["h"][rows_on].equal(ref["h"][rows_on]) and (t["h"][~rows_on] != 0).all()
+    assert (ref["h"][~rows_on] == 0).all() and t["mask"].bool().equal(mask)
