@@ -264,19 +264,27 @@ _CONFIGS = (
 )
 
 
+SMALL_D = 2048
+_SMALL_D_BLOCK = {"up": 128, "down": 16}
+
+
 @lru_cache(maxsize=None)
 def launch_config(op: str, T: int, d: int, F: int, expert_size: int,
                   dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
     """The config both launchers (PyTorch here, TensorRT AOT) use for `op` at T tokens.
 
     Any config is correct for any T (the grid covers all tokens); T only picks the fastest.
-    fp32 halves the column blocks so register use and shared memory stay the same.
+    Small models (d < SMALL_D) get narrower one-token column blocks: less padding in up, and
+    more down programs (d / block_d of them). fp32 halves the K block of the tl.dot configs
+    so shared memory stays the same.
     """
     assert op in ("up", "down"), op
     for max_t, up, down in _CONFIGS:
         if max_t is None or T <= max_t:
             cfg = up if op == "up" else down
             break
+    if cfg.block_t == 1 and d < SMALL_D:
+        cfg = replace(cfg, block_d=_SMALL_D_BLOCK[op])
     if dtype == torch.float32 and cfg.block_t > 1:
         cfg = replace(cfg, block_d=max(16, cfg.block_d // 2) if op == "up" else cfg.block_d,
                       block_f=max(16, cfg.block_f // 2) if op == "down" else cfg.block_f)
@@ -321,7 +329,7 @@ def launch_configs(op: str, d: int, F: int, expert_size: int,
     """Every distinct config launch_config picks for `op` at some T (TensorRT tactics)."""
     seen = []
     for max_t, _, _ in _CONFIGS:
-        cfg = launch_config(op, max_t or 1 << 20, d, F, expert_size, dtype)
+        cfg = launch_config(op, max_t or 1 << 16, d, F, expert_size, dtype)
         if cfg not in seen:
             seen.append(cfg)
     return tuple(seen)
