@@ -40,29 +40,33 @@ from plugins.reference import ACT_FNS
 # Above this fraction of active experts in a multi-token batch's union, one dense GEMM per
 # matrix is used instead of one per run.
 DENSE_UNION = 0.9
-_ZERO = torch.zeros(1, dtype=torch.int8)
 _OFFSET0 = torch.zeros(1, dtype=torch.long)
 
 
+_ARANGE: dict[int, torch.Tensor] = {}
+
+
 def _plan(union: torch.Tensor, s: int):
-    """union bool [E] -> (sizes, runs): `sizes` alternates gap, run, gap, … , gap in rows
-    (it splits [F, d] weights into blocks, runs at odd positions); `runs` the run lengths."""
-    E = union.shape[0]
-    edges = torch.diff(union.to(torch.int8), prepend=_ZERO, append=_ZERO).nonzero().view(-1)
-    bounds = [0, *edges.tolist(), E]
-    sizes = [(b - a) * s for a, b in zip(bounds, bounds[1:])]
-    return sizes, sizes[1::2]
+    """union bool [E] -> (sizes, runs, rows).
 
-
-_ROWS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _active_rows(union: torch.Tensor, s: int) -> torch.Tensor:
-    """Row indices [A] of the union's experts, in order."""
-    E = union.shape[0]
-    if (E, s) not in _ROWS:
-        _ROWS[E, s] = torch.arange(E * s).view(E, s)
-    return _ROWS[E, s][union].view(-1)
+    sizes: row counts alternating gap, run, gap, …, run, gap (splits an [F, d] weight into
+           blocks; the runs of adjacent active experts are at odd positions);
+    runs:  the run lengths in rows (sizes[1::2]);
+    rows:  the active rows' indices [A], in order (int64).
+    """
+    experts = union.nonzero().view(-1)                           # [Ea]
+    if s not in _ARANGE:
+        _ARANGE[s] = torch.arange(s)
+    rows = torch.add(_ARANGE[s], experts[:, None], alpha=s).view(-1)
+    sizes, end = [], 0                                           # end: last run's end expert
+    for e in experts.tolist():
+        if sizes and e == end:                                   # extends the current run
+            sizes[-1] += s
+        else:
+            sizes += [(e - end) * s, s]
+        end = e + 1
+    sizes.append((union.shape[0] - end) * s)
+    return sizes, sizes[1::2], rows
 
 
 def _activate(gate, up, b_gate, b_up, rows, activation):
@@ -81,8 +85,8 @@ def _activate(gate, up, b_gate, b_up, rows, activation):
 def _up_packed(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation, union):
     """(h packed [A] for one token or [A, n], in x's dtype; sizes; runs; active rows)."""
     n = x2.shape[0]
-    sizes, runs = _plan(union, s)
-    A = sum(runs)
+    sizes, runs, rows = _plan(union, s)
+    A = rows.shape[0]
     gated = w_gate is not None
     buf = x2.new_empty((2 if gated else 1, A) + ((n,) if n > 1 else ()))
     xin = x2[0] if n == 1 else x2.t()                           # [d] or [d, n]
@@ -90,7 +94,6 @@ def _up_packed(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation, union):
     for w, out in ((w_gate, buf[0]), (w_up, buf[-1])) if gated else ((w_up, buf[0]),):
         for w_run, o in zip(w.split(sizes)[1::2], out.split(runs)):
             matmul(w_run, xin, out=o)
-    rows = _active_rows(union, s)
     h = _activate(buf[0] if gated else None, buf[-1], b_gate, b_up, rows, activation)
     if n > 1:
         keep = mask2[:, union].t().repeat_interleave(s, dim=0)      # [A, n]
@@ -161,8 +164,7 @@ def sparse_ffn_down(h, mask, w_down_t, b_down, expert_size):
     union = _union(mask2)
     if not union.any():
         return _bias_only(h2.shape[0], d, b_down, h2).view(*h.shape[:-1], d)
-    sizes, runs = _plan(union, s)
-    rows = _active_rows(union, s)
+    sizes, runs, rows = _plan(union, s)
     keep = mask2[:, union].repeat_interleave(s, dim=1)                       # [n, A]
     hp = (h2[:, rows] * keep).t()                                             # [A, n]
     if hp.shape[1] == 1:

@@ -124,6 +124,10 @@ def test_inactive_experts_are_not_read(tokens):
 
 def test_plan_runs():
     union = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
-    sizes, runs = cpu._plan(union, 2)
+    sizes, runs, rows = cpu._plan(union, 2)
     assert sizes == [0, 4, 2, 2, 4, 6, 0] and runs == [4, 2, 6]
-    assert cpu._active_rows(union, 2).tolist() == [0, 1, 2, 3, 6, 7, 12, 13, 14, 15, 16, 17]
+    assert rows.tolist() == [0, 1, 2, 3, 6, 7, 12, 13, 14, 15, 16, 17]
+    sizes, runs, rows = cpu._plan(torch.tensor([False, True, False]), 3)
+    assert sizes == [3, 3, 3] and runs == [3] and rows.tolist() == [3, 4, 5]
+    sizes, runs, rows = cpu._plan(torch.zeros(4, dtype=torch.bool), 3)
+    assert sizes == [12] and runs == [] and rows.numel() == 0
