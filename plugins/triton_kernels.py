@@ -119,7 +119,7 @@ def sparse_ffn_up_kernel(x_ptr, mask_ptr, w_gate_ptr, w_up_ptr, b_gate_ptr, b_up
         x_row = x_ptr + toks64 * D                                          # [1]
         cols = tl.arange(0, BLOCK_D)
         w_mask = row_on[:, None] & (cols < D)[None, :]
-        xk = tl.load(x_row + cols, mask=(cols < D) & tok_ok, other=0.0)
+        xk = tl.load(x_row + (cols[None, :] + 0 * rows[:, None]), mask=w_mask, other=0.0)
         wu = tl.load(w_up_ptr + w_rows[:, None] + cols[None, :], mask=w_mask, other=0.0)
         wg = wu
         if GATED:
@@ -127,13 +127,13 @@ def sparse_ffn_up_kernel(x_ptr, mask_ptr, w_gate_ptr, w_up_ptr, b_gate_ptr, b_up
         for k in range(1, n_steps + 1):
             cols = k * BLOCK_D + tl.arange(0, BLOCK_D)
             w_mask = row_on[:, None] & (cols < D)[None, :]
-            xk_next = tl.load(x_row + cols, mask=(cols < D) & tok_ok, other=0.0)
+            xk_next = tl.load(x_row + (cols[None, :] + 0 * rows[:, None]), mask=w_mask, other=0.0)
             wu_next = tl.load(w_up_ptr + w_rows[:, None] + cols[None, :], mask=w_mask, other=0.0)
             wg_next = wu_next
             if GATED:
                 wg_next = tl.load(w_gate_ptr + w_rows[:, None] + cols[None, :], mask=w_mask,
                                   other=0.0)
-            xf = xk.to(tl.float32)[None, :]
+            xf = xk.to(tl.float32)
             acc_u += wu.to(tl.float32) * xf
             if GATED:
                 acc_g += wg.to(tl.float32) * xf
