@@ -204,9 +204,10 @@ def make_logger(trt, verbose=False):
             self.errors = []
 
         def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.ERROR:
+            level = int(severity)               # INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, ...
+            if level <= int(trt.ILogger.Severity.ERROR):
                 self.errors.append(msg)
-            if verbose or severity <= trt.ILogger.Severity.WARNING:
+            if verbose or level <= int(trt.ILogger.Severity.WARNING):
                 print(f"[TensorRT] {msg}", flush=True)
 
     return Logger()

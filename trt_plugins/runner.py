@@ -59,7 +59,8 @@ class EngineRunner:
             raise UserError(f"Engine file {path} does not exist; build it with "
                             "`lte-convert build model.onnx --engine model.plan`.")
         self.logger = make_logger(trt)
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(path.read_bytes())
+        self.runtime = trt.Runtime(self.logger)             # must outlive the engine
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise UserError(
                 f"TensorRT could not load {path}: {'; '.join(self.logger.errors)}. An engine "
