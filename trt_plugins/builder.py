@@ -55,7 +55,7 @@ class Prepared:
 # ---------------------------------------------------------------------------------------------
 
 def _is_lte(node) -> bool:
-    return node.op_type in LTE_OPS and node.domain in (spec.NAMESPACE, "")
+    return node.op_type in LTE_OPS and node.domain == spec.NAMESPACE
 
 
 def _elem_types(model) -> dict:
@@ -106,7 +106,7 @@ def prepare_onnx(model: onnx.ModelProto, *, allow_dense: bool = False) -> Prepar
             raise UserError(
                 f"Node {n.name!r} has weights of type {TensorProto.DataType.Name(t)}; the lte "
                 "TensorRT plugin supports float16, bfloat16 and float32. Re-export with "
-                "--dtype float16 (or bfloat16/float32).")
+                "`lte-convert export --dtype fp16` (or bf16, fp32).")
         if t is not None:
             dtypes.add(DATA_TYPES[t])
         if "aot" not in attrs:
