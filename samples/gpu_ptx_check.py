@@ -246,7 +246,7 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="compile and plan only; no GPU")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes for the AOT compiles")
-    ap.add_argument("--budget-s", type=float, default=100.0,
+    ap.add_argument("--budget-s", type=float, default=90.0,
                     help="stop launching new kernels after this many seconds (rows left are "
                          "reported as skipped), so the run ends within ~2 minutes")
     args = ap.parse_args(argv)
