@@ -96,6 +96,10 @@ def _define(op, inputs, attrs, weight, out_dim):
                             "float16, bfloat16, float32. Re-export the model in one of them.")
         w = a[weight]
         F, d = (_constant(w.shape_expr[i], f"{weight}.shape[{i}]") for i in (0, 1))
+        last = _constant(x.shape_expr[-1], f"{first}.shape[-1]")
+        if last != (d if op == spec.OP_UP else F):
+            raise UserError(f"lte plugin {name}: {first} has last dim {last} but {weight} is "
+                            f"[{F}, {d}]. The ONNX node's inputs are inconsistent; re-export.")
         kw = {n: t(a[n]) for n, t in attrs.items()}          # plain int / str
         bad = (kw["expert_size"] <= 0 or F % kw["expert_size"]
                or kw.get("activation", "silu") not in spec.ACTIVATIONS
