@@ -2,7 +2,7 @@
 
 Semantics are those of plugins/spec.py (x [T, d], mask [T, E] bool, expert size s, F = E·s):
 
-    up:    h[t, f] = act(x[t]·W_gate[f] + b_gate[f]) · (x[t]·W_up[f] + b_up[f]) · mask[t, f // s]
+    up:    h[t, f] = act(x[t]·W_gate[f] + b_gate[f]) · (x[t]·W_up[f] + b_up[f]) · mask[t, f//s]
            (non-gated: act(x[t]·W_up[f] + b_up[f]) · mask[t, f // s]); h in x.dtype
     down:  y[t, c] = Σ_f h[t, f] · mask[t, f // s] · W_down_t[f, c] + b_down[c]; y in h.dtype
 
@@ -354,7 +354,7 @@ def _check_2d(name, t, shape, dtype):
 
 def sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, *, expert_size, activation, gated,
                   config: LaunchConfig | None = None, out=None):
-    """h [T, F] (x.dtype) = masked act(x·W_gateᵀ + b_gate)·(x·W_upᵀ + b_up); one kernel launch.
+    """h [T, F] (x.dtype) = masked act(x·W_gateᵀ + b_gate)·(x·W_upᵀ + b_up); one launch.
 
     `config` overrides launch_config's choice; `out` is an optional preallocated h.
     """

@@ -205,7 +205,8 @@ def environment():
             "memory_gib": round(p.total_memory / 2 ** 30, 1),
             "l2_mib": round(getattr(p, "L2_cache_size", 0) / 2 ** 20, 1),
             "capability": f"{p.major}.{p.minor}", "torch": torch.__version__,
-            "triton": triton.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+            "triton": triton.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     try:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit",
@@ -272,7 +273,8 @@ def correctness(rows):
         for T in Ts:
             for kind in kinds:
                 seed += 1
-                name = f"d{d} F{Fdim} s{s} {'gated' if gated else 'plain'}{' bias' if bias else ''} {act} {str(dtype)[6:]} T{T} {kind}"
+                name = (f"d{d} F{Fdim} s{s} {'gated' if gated else 'plain'}"
+                        f"{' bias' if bias else ''} {act} {str(dtype)[6:]} T{T} {kind}")
                 try:
                     r = check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed)
                 except Exception:
@@ -288,8 +290,10 @@ def graph_check():
     w = weights(d, Fdim)
     x = torch.randn(2, d, device=DEV).to(DTYPE)
     mask = kind_mask("per_token", 2, Fdim // s, 5)
-    fn = lambda: tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None,  # noqa: E731
-                               None, expert_size=s, activation="silu")
+
+    def fn():
+        return tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None,
+                             expert_size=s, activation="silu")
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -339,10 +343,12 @@ def timings(rows):
                 row["frac_ideal_graph"] = dense_graph * union / row["sparse_graph_us"]
                 rows.append(row)
                 save()
-                print(f"{shape:13s} T={T:5d} sp={sp:.2f} union={union:.2f} dense {dense_graph:8.1f}/"
+                print(f"{shape:13s} T={T:5d} sp={sp:.2f} union={union:.2f} "
+                      f"dense {dense_graph:8.1f}/"
                       f"{dense_eager:8.1f} us sparse {row['sparse_graph_us']:8.1f}/"
                       f"{row['sparse_eager_us']:8.1f} us (graph/eager) x{row['speedup_graph']:.2f}"
-                      + (f" kernels {row['kernels_graph_us']:.1f}" if "kernels_graph_us" in row else ""),
+                      + (f" kernels {row['kernels_graph_us']:.1f}"
+                         if "kernels_graph_us" in row else ""),
                       flush=True)
         if shape == "llama2-7b":
             half = [lambda w=w, wd=wd: dense_ffn(x1, w["w_gate"][:Fdim // 2], w["w_up"][:Fdim // 2],
@@ -432,7 +438,8 @@ def best_combined(res):
     up_cfg = LaunchConfig("up", *best["up"]["config"][1:])
     down_cfg = LaunchConfig("down", *best["down"]["config"][1:])
     res.update(up=best["up"]["config"], down=best["down"]["config"])
-    dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd) for w, wd in zip(ws, w_down)]
+    dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd)
+             for w, wd in zip(ws, w_down)]
     res["dense_graph_us"], res["dense_eager_us"] = time_graph(dense), time_eager(dense)
     for sp in SPARSITIES:
         masks = [random_mask(1, Fdim // s, sp, seed=3 * i) for i in range(layers)]
@@ -456,9 +463,9 @@ def markdown(report):
     lines += [f"Correctness: {len(corr) - len(bad)}/{len(corr)} cases pass "
               "(outputs NaN-poisoned first; bf16/fp16 rel err <= 1e-2, fp32 <= 1e-5)."]
     lines += [f"- FAILED {r['case']}: {({k: v for k, v in r.items() if k != 'case'})}" for r in bad]
-    lines += ["", "| shape | T | sparsity | union | dense graph µs | sparse graph µs | speed-up graph"
-              " | frac of ideal | dense eager µs | sparse eager µs | speed-up eager | kernels-only graph µs"
-              " | torch.ops.lte eager / graph µs |",
+    lines += ["", "| shape | T | sparsity | union | dense graph µs | sparse graph µs"
+              " | speed-up graph | frac of ideal | dense eager µs | sparse eager µs"
+              " | speed-up eager | kernels-only graph µs | torch.ops.lte eager / graph µs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("timings", []):
         if "sparse_graph_us" not in r:
@@ -477,8 +484,8 @@ def markdown(report):
         if "truncated" in r:
             lines.append(f"\n{r['truncated']}")
     if report.get("tune"):
-        lines += ["", "| shape | T | sparsity | op | (op, block_t, block_f, block_d, warps, stages) |"
-                  " ok | graph µs | TB/s |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| shape | T | sparsity | op | (op, block_t, block_f, block_d, warps,"
+                  " stages) | ok | graph µs | TB/s |", "|---|---|---|---|---|---|---|---|"]
         for r in report["tune"]:
             if "op" not in r:
                 continue
@@ -486,7 +493,8 @@ def markdown(report):
                          f"{r['config']}{' (default)' if r['default'] else ''} | {r['ok']} | "
                          f"{r.get('graph_us', float('nan')):.1f} | {r.get('tb_s', '')} |")
     if report.get("best_combined"):
-        lines += ["", "Best configs combined, llama2-7b T=1: " + json.dumps(report["best_combined"])]
+        lines += ["", "Best configs combined, llama2-7b T=1: "
+                  + json.dumps(report["best_combined"])]
     for r in report.get("timings", []):
         if (r.get("shape"), r.get("T"), r.get("sparsity")) == ("llama2-7b", 1, 0.5):
             lines += ["", f"BAR (issue 3: >= 2.0x): llama2-7b {str(DTYPE)[6:]} T=1 sparsity 0.5 "
