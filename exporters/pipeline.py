@@ -22,30 +22,30 @@ def default_checkpoint(out: Path) -> Path:
     return out.with_name(out.stem + "-lte")
 
 
-def _heldout_perplexity(model_dir, data, heldout, task_model=None):
-    """(perplexity, sparsity) on held-out blocks; the dense model when task_model is None."""
+def _dense_and_blocks(model_dir, data, heldout, cfg):
+    """(dense model, tokenizer, task, held-out blocks): the blocks training holds out."""
     from converter.data import load_blocks, spread
-    from converter.evaluate import measure
-    from converter.train import TrainConfig, load_lm
+    from converter.train import load_lm
 
-    cfg = TrainConfig()
     model, tokenizer, task = load_lm(model_dir)
     blocks = load_blocks(tokenizer, data, cfg.block_size, heldout=heldout,
                          heldout_fraction=cfg.heldout_fraction)
-    eval_blocks = spread(blocks.heldout, EVAL_BLOCKS)
-    if task_model is not None:
-        model = task_model
-    m = measure(model, eval_blocks, batch_size=cfg.batch_size, task=task, tokenizer=tokenizer)
-    return m.perplexity, m.sparsity, m.layer_sparsity
+    return model, tokenizer, task, spread(blocks.heldout, EVAL_BLOCKS)
 
 
 def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, data=None,
                  checkpoint=None, dtype: str = "fp32", kv_cache: bool = True,
                  overwrite: bool = False, resume: bool = False,
-                 external_data_threshold: int | None = None, echo=print) -> dict:
-    """Run the whole job; returns a dict of what was measured and written (see `summary`)."""
+                 external_data_threshold: int | None = None, config=None,
+                 echo=print) -> dict:
+    """Run the whole job; returns a dict of what was measured and written (see `summary`).
+
+    config: a converter.train.TrainConfig (default: its defaults, sized for the embedded model).
+    """
     from converter.checkpoint import load_lte_model
-    from converter.train import check_output_dir, check_sparsity, train_lte
+    from converter.evaluate import measure
+    from converter.train import (TrainConfig, check_output_dir, check_sparsity,
+                                 train_lte)
     from exporters import onnx_export
     from exporters.validate import format_table, validate
 
@@ -62,15 +62,20 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
     if data is None:                 # as train_lte: Shakespeare's train / held-out plays
         from samples.default import shakespeare_texts
         data, heldout = shakespeare_texts()
+    cfg = config or TrainConfig()
     times = {}
 
     t = time.time()
     echo(f"[1/4] held-out perplexity of the dense model {model_dir}")
-    ppl_before, _, _ = _heldout_perplexity(model_dir, data, heldout)
+    dense, tokenizer, task, blocks = _dense_and_blocks(model_dir, data, heldout, cfg)
+    before = measure(dense, blocks, batch_size=cfg.batch_size, task=task, tokenizer=tokenizer)
+    del dense
     echo(f"[2/4] training LTE routers (target sparsity {sparsity:.0%}) -> {ckpt}")
-    train_lte(model_dir, data, ckpt, sparsity, heldout=heldout, resume=resume, overwrite=True)
-    lte_model, info = load_lte_model(ckpt)
-    ppl_after, measured, layer_sparsity = _heldout_perplexity(model_dir, data, heldout, lte_model)
+    train_lte(model_dir, data, ckpt, sparsity, heldout=heldout, config=cfg, resume=resume,
+              overwrite=True)
+    lte_model, _ = load_lte_model(ckpt)
+    after = measure(lte_model, blocks, batch_size=cfg.batch_size, task=task,
+                    tokenizer=tokenizer)
     del lte_model
     times["train"] = time.time() - t
 
@@ -87,8 +92,8 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
     echo(format_table(report))
     times["validate"] = time.time() - t
     return {"model": str(model_dir), "checkpoint": str(ckpt), "target_sparsity": sparsity,
-            "sparsity": measured, "layer_sparsity": layer_sparsity,
-            "perplexity_before": ppl_before, "perplexity_after": ppl_after,
+            "sparsity": after.sparsity, "layer_sparsity": after.layer_sparsity,
+            "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
             "export": exported, "validation": report, "seconds": times}
 
 
