@@ -290,8 +290,12 @@ def validate(onnx_path, reference, *, n: int = 4, seq_len: int = 32, data=None,
         "inputs": {"source": source, "n": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
         "tolerances": tol, "steps": steps, "passed": not fails, "failures": fails,
     }
-    with atomic_path(report_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        with atomic_path(report_path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"Cannot write the validation report {report_path}: "
+                        f"{e.strerror or e}. Pass --report with a writable path.") from None
     report["report_path"] = str(report_path)
     return report
 
