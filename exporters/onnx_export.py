@@ -104,7 +104,8 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
     """Export a folded LTE model (in its current dtype) to `out`. Returns a summary dict.
 
     kv_cache applies to decoders only (encoders never have one). External data is used when
-    the initializers exceed `external_data_threshold` bytes.
+    the initializers exceed `external_data_threshold` bytes (at most EXTERNAL_DATA_THRESHOLD:
+    a single ONNX file cannot exceed 2 GiB).
     """
     from converter.surgery import lte_modules
 
@@ -151,7 +152,7 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
     graph.metadata_props.update(props)
 
     size = _initializer_bytes(graph)
-    external = size > external_data_threshold
+    external = size > min(external_data_threshold, EXTERNAL_DATA_THRESHOLD)
     with atomic_path(out) as tmp:
         program.save(tmp, external_data=external)
         tmp_data = data_path(tmp)
