@@ -5,8 +5,8 @@
 
 Without --model, the embedded SmolLM2-135M (samples/default.py) is converted here
 (converter.surgery.convert_model: k-means experts of 32, routers at their initialisation) and
-folded with per-layer offsets calibrated on a calibration text so that each layer keeps
-1 − sparsity of its experts on average. The routers are untrained, so the text it writes is
+folded with per-layer offsets calibrated on the decode steps of another text so that each
+layer keeps 1 − sparsity of its experts on average. The routers are untrained, so the text it writes is
 not what a trained LTE model writes; the speed of the sparse FFN path is what is measured,
 with the sparsity each layer actually had during decoding reported beside it.
 
@@ -41,22 +41,33 @@ CALIBRATION = ("Now is the winter of our discontent made glorious summer by this
 
 
 @torch.no_grad()
-def calibrate_offsets(model, tokenizer, sparsity: float, text: str = CALIBRATION):
+def calibrate_offsets(model, tokenizer, sparsity: float, text: str = CALIBRATION,
+                      new_tokens: int = 32):
     """Per-layer offsets such that z − logit(τ) + offset > 0 for a fraction 1 − sparsity of
-    the (token, expert) pairs of `text`: offset_l = −quantile(z − logit(τ), sparsity)."""
+    the (token, expert) pairs seen while decoding `text` greedily (model in "dense" mode):
+    offset_l = −quantile(z − logit(τ), sparsity). Decode steps, not the prompt, are what
+    the benchmark times, and their router logits differ from the prompt's."""
     from converter.surgery import lte_modules
     modules = lte_modules(model)
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
-             for i, (_, m) in enumerate(modules)]
+    inputs = {i: [] for i in range(len(modules))}
+
+    def hook(i):
+        def fn(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if x.shape[0] == 1:                                  # a decode step
+                inputs[i].append(x)
+        return fn
+
+    hooks = [m.register_forward_pre_hook(hook(i)) for i, (_, m) in enumerate(modules)]
     try:
-        model(**tokenizer(text, return_tensors="pt"))
+        model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False)
     finally:
         for h in hooks:
             h.remove()
     offsets = []
     for i, (_, m) in enumerate(modules):
-        z = m.router_logits(inputs[i]).float() - math.log(m.tau / (1 - m.tau))
+        z = m.router_logits(torch.cat(inputs[i])).float() - math.log(m.tau / (1 - m.tau))
         offsets.append(-float(torch.quantile(z.flatten(), sparsity)))
     return offsets
 

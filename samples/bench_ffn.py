@@ -19,7 +19,9 @@ processes on a shared machine hits both alike; the median over repeats is report
 
 Masks: random per token (each expert on with probability 1 − sparsity, drawn independently),
 or recorded from a real LTE model with `--masks FILE` (a safetensors file of bool tensors
-[tokens, E] per layer, keys `layer.<i>`, as samples/bench_decode.py --record-masks writes).
+[tokens, E] per layer, keys `layer.<i>`, as samples/bench_decode.py --record-masks writes;
+--sparsity is then ignored and the masks' own mean sparsity is reported; a call with T tokens
+uses the last T rows of each layer: the decode steps, then the prompt's tokens).
 
 CUDA: timed with CUDA events, eager and as CUDA-graph replays (both reported).
 """
@@ -64,8 +66,8 @@ def random_masks(n_layers, tokens, E, sparsity, device, seed=0):
 
 
 def recorded_masks(path, n_layers, tokens, E, device):
-    """Masks from a real model: layer i of the benchmark uses recorded layer i mod L, tokens
-    taken from the file's start (the file must hold at least `tokens` rows)."""
+    """Masks from a real model: layer i of the benchmark uses recorded layer i mod L, its last
+    `tokens` rows (bench_decode records the prompt's tokens, then the decode steps)."""
     from safetensors.torch import load_file
     rec = load_file(path)
     keys = sorted(rec, key=lambda k: int(k.split(".")[-1]))
@@ -75,7 +77,7 @@ def recorded_masks(path, n_layers, tokens, E, device):
         if m.shape[-1] != E or m.shape[0] < tokens:
             raise SystemExit(f"{path}: {keys[i % len(keys)]} has shape {tuple(m.shape)}; "
                              f"need at least [{tokens}, {E}] for this shape.")
-        out.append(m[:tokens].bool().to(device))
+        out.append(m[-tokens:].bool().to(device))
     return out
 
 
@@ -158,6 +160,8 @@ def bench_one(shape_name, sparsity, tokens, args, layers, device):
         t = time_pair(run_dense, run_sparse, args.reps, device, graphs=device.type == "cuda",
                       clock=time.process_time if args.clock == "cpu" else time.perf_counter)
     union = statistics.mean(float(m.any(0).float().mean()) for m in masks)
+    if args.masks:                                  # the recorded masks' own mean sparsity
+        sparsity = 1.0 - statistics.mean(float(m.float().mean()) for m in masks)
     row = {"shape": shape_name, "d": d, "d_ff": F_, "sparsity": sparsity, "tokens": tokens,
            "layers_rotated": n, "dtype": str(args.dtype).replace("torch.", ""),
            "device": device.type, "union_density": union, "clock": args.clock,
@@ -248,10 +252,10 @@ def main(argv=None):
         n = args.layers or max(1, min(model_layers, int(args.max_gib * 2**30 // per_layer)))
         layers = make_layers(d, F_, n, args.dtype, device)
         for tokens in args.tokens:
-            for sparsity in args.sparsity:
+            for sparsity in ([None] if args.masks else args.sparsity):
                 row = bench_one(shape_name, sparsity, tokens, args, layers, device)
                 rows.append(row)
-                print(f"{shape_name} tokens={tokens} sparsity={sparsity}: dense "
+                print(f"{shape_name} tokens={tokens} sparsity={row['sparsity']:.2f}: dense "
                       f"{row['dense_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
                       f"{row['speedup']:.2f}x (union {row['union_density']:.2f}, layers {n})",
                       flush=True)
