@@ -64,7 +64,7 @@ def calibrate(model, blocks: torch.Tensor, target: float, *, batch_size: int = 8
     try:
         for passes in range(1, max_iter + 1):
             m = measure(model, blocks, batch_size=batch_size, task=task, tokenizer=tokenizer,
-                        keep_margins=True)
+                        keep_margins=True, sparsity_only=True)
             s = m.sparsity
             first = s if first is None else first
             if best is None or abs(s - target) < abs(best[1] - target):

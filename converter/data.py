@@ -144,24 +144,33 @@ def pack(tokenizer, docs: list[str], block_size: int) -> torch.Tensor:
 def load_blocks(tokenizer, data: DataSource, block_size: int, *, heldout: DataSource | None = None,
                 heldout_fraction: float = 0.05, text_field: str = "text") -> Blocks:
     """Tokenised, packed train and held-out blocks (see the module docstring for the split)."""
+    held = None if heldout is None else read_documents(heldout, text_field)
+    return make_blocks(tokenizer, read_documents(data, text_field), block_size, held,
+                       heldout_fraction)
+
+
+def make_blocks(tokenizer, docs: list[str], block_size: int, heldout_docs: list[str] | None = None,
+                heldout_fraction: float = 0.05) -> Blocks:
+    """Blocks from documents already read (read_documents), so bad files fail before a model
+    is loaded."""
     if block_size < 2:
         raise UserError(f"--block-size must be at least 2 tokens, got {block_size}.")
-    train = pack(tokenizer, read_documents(data, text_field), block_size)
-    if heldout is not None:
-        held = pack(tokenizer, read_documents(heldout, text_field), block_size)
+    train = pack(tokenizer, docs, block_size)
+    if heldout_docs is not None:
+        held = pack(tokenizer, heldout_docs, block_size)
         if len(held) == 0:
-            raise UserError(f"The held-out data {heldout} has fewer than {block_size} tokens: "
-                            "give more text or a smaller --block-size.")
+            raise UserError(f"The held-out data has fewer than {block_size} tokens: give more "
+                            "text or a smaller --block-size.")
     else:
         if len(train) < 2:
-            raise UserError(f"The data {data} gives {len(train)} block(s) of {block_size} tokens; "
-                            "at least 2 are needed (one to train on, one held out). Give more "
+            raise UserError(f"The data gives {len(train)} block(s) of {block_size} tokens; at "
+                            "least 2 are needed (one to train on, one held out). Give more "
                             "text or a smaller --block-size.")
         n_held = max(1, round(len(train) * heldout_fraction))
         train, held = train[:-n_held], train[-n_held:]
     if len(train) == 0:
-        raise UserError(f"The data {data} has fewer than {block_size} tokens: give more text or "
-                        "a smaller --block-size.")
+        raise UserError(f"The training data has fewer than {block_size} tokens: give more text "
+                        "or a smaller --block-size.")
     return Blocks(train=train, heldout=held)
 
 

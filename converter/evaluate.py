@@ -61,8 +61,13 @@ def _mlm_inputs(ids, tokenizer, gen):
 
 @torch.no_grad()
 def measure(model, blocks: torch.Tensor, *, batch_size: int = 8, task: str = "clm",
-            tokenizer=None, keep_margins: bool = False, seed: int = 0) -> Measurement:
-    """One pass over `blocks` [N, T]: loss, accuracy and per-layer sparsity."""
+            tokenizer=None, keep_margins: bool = False, seed: int = 0,
+            sparsity_only: bool = False) -> Measurement:
+    """One pass over `blocks` [N, T]: loss, accuracy and per-layer sparsity.
+
+    sparsity_only: run the base model without its LM head (calibration needs only the router
+    logits; the vocabulary projection is a fifth of SmolLM2's forward). nll/accuracy are NaN.
+    """
     from converter.surgery import lte_modules
 
     lte = [m for _, m in lte_modules(model)]
@@ -88,6 +93,9 @@ def measure(model, blocks: torch.Tensor, *, batch_size: int = 8, task: str = "cl
     try:
         for start in range(0, len(blocks), batch_size):
             ids = blocks[start:start + batch_size]
+            if sparsity_only:
+                model.base_model(input_ids=ids.to(device))
+                continue
             if task == "mlm":
                 ids, labels = _mlm_inputs(ids, tokenizer, gen)
                 logits = model(input_ids=ids.to(device)).logits.float()
@@ -103,7 +111,9 @@ def measure(model, blocks: torch.Tensor, *, batch_size: int = 8, task: str = "cl
         for h in handles:
             h.remove()
         model.train(was_training)
-    if n_tok == 0:
+    if sparsity_only:
+        nll, n_tok, correct = math.nan, 1, math.nan
+    elif n_tok == 0:
         raise UserError("The evaluation data produced no tokens to score; give more text.")
     return Measurement(nll=nll / n_tok, tokens=n_tok, accuracy=correct / n_tok,
                        layer_sparsity=[o / s if s else 0.0 for o, s in zip(off, seen)],

@@ -13,9 +13,10 @@ Router start.  converter.surgery initialises each router from its expert's mean 
 Stage 1 (soft).  Every LTEFFN scales expert e by G_e = σ(z_e). Loss L_task + η·L_eff + λ·L_sep
     (converter/losses.py). All parameters train (routers at `router_lr`, the rest at `lr`), or
     only the routers with `routers_only=True`. η is not a user knob here: users ask for a
-    sparsity, so η follows a multiplicative controller, η ← η·exp(k·(S − s_batch)) clipped to
-    [1e-2, 1e2], where s_batch is the fraction of scores ≤ τ in the step's batch (all-reduced
-    across processes, so every rank keeps the same η). The routers therefore learn roughly the
+    sparsity, so η follows a multiplicative controller, η ← η·exp(k·(S − s_step)) clipped to
+    [1e-2, 1e2] after each optimizer step, where s_step is the fraction of scores ≤ τ in the
+    step's batch (all-reduced across processes and averaged over accumulated micro-batches,
+    so every rank keeps the same η and accumulation changes nothing). The routers therefore learn roughly the
     requested sparsity, and calibration only has to correct the remainder.
 Calibration.  One global shift δ of every router's bias is found on held-out blocks so that the
     hard mask's measured sparsity is S (converter/calibrate.py); it is applied before stage 2,
@@ -49,7 +50,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from converter.data import BlockDataset, DataSource, load_blocks, spread
+from converter.data import BlockDataset, DataSource, make_blocks, read_documents, spread
 from converter.errors import UserError
 from converter.losses import LAMBDA, TAU, fraction_off, router_loss
 
@@ -177,6 +178,15 @@ class LTETrainer(Trainer):
         self.lte, self.cfg, self.target, self.stage, self.work = lte, cfg, target, stage, work
         self.eta = eta
         self.router_stats = {}
+        self._step_off = []            # batch sparsities of this optimizer step's micro-batches
+
+    def update_eta(self):
+        """After each optimizer step: η ← η·exp(k·(S − mean batch sparsity of the step))."""
+        if self._step_off:
+            off = sum(self._step_off) / len(self._step_off)
+            eta = self.eta * math.exp(self.cfg.eta_gain * (self.target - off))
+            self.eta = min(max(eta, 1e-2), 1e2)
+            self._step_off = []
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -207,8 +217,7 @@ class LTETrainer(Trainer):
                 fraction_off(scores, self.cfg.tau), torch.isfinite(loss.detach()).float()]))
             off, finite = float(stats[0]), stats[1]
             if model.training:
-                eta = self.eta * math.exp(self.cfg.eta_gain * (self.target - off))
-                self.eta = min(max(eta, 1e-2), 1e2)
+                self._step_off.append(off)
             self.router_stats = {"sparsity": off, "eta": self.eta, **parts}
             for m in self.lte:
                 m.last_scores = None
@@ -229,11 +238,16 @@ class LTETrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-class _SaveEta(TrainerCallback):
-    """Write η into each checkpoint after the Trainer's files: it also marks it complete."""
+class _EtaCallback(TrainerCallback):
+    """Update η once per optimizer step (so gradient accumulation and data parallelism see
+    the same η as one big batch), and write it into each checkpoint after the Trainer's own
+    files: the file also marks the checkpoint complete."""
 
-    def __init__(self, trainer_ref):
-        self.trainer = trainer_ref
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_eta()
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -281,7 +295,7 @@ def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig
     trainer = LTETrainer(model=model, args=args, train_dataset=BlockDataset(blocks.train),
                          data_collator=BlockCollator(tokenizer, task), lte=lte, cfg=cfg,
                          target=target, stage=stage, work=work, eta=eta)
-    trainer.add_callback(_SaveEta(trainer))
+    trainer.add_callback(_EtaCallback(trainer))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer.eta, float(result.metrics.get("train_runtime", 0.0))
 
@@ -362,9 +376,10 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
         if data is None:
             data, default_heldout = shakespeare_texts()
             heldout = heldout or default_heldout
+    docs = read_documents(data, cfg.text_field)            # bad data fails before loading
+    held_docs = None if heldout is None else read_documents(heldout, cfg.text_field)
     model, tokenizer, task = load_lm(model_dir, trust_remote_code)
-    blocks = load_blocks(tokenizer, data, cfg.block_size, heldout=heldout,
-                         heldout_fraction=cfg.heldout_fraction, text_field=cfg.text_field)
+    blocks = make_blocks(tokenizer, docs, cfg.block_size, held_docs, cfg.heldout_fraction)
     if not resume and work.exists() and _rank() == 0:
         shutil.rmtree(work)
     _barrier()
@@ -384,13 +399,13 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
             # Start the routers at the requested sparsity: shift every router bias so the
             # hard mask switches off the fraction S of experts on held-out data.
             _freeze_for_stage(model, lte, 2, cfg.routers_only)
-            shift_routers(model, calibrate(model, calib, sparsity, batch_size=cfg.batch_size,
+            shift_routers(model, calibrate(model, calib, sparsity, batch_size=8,
                                            task=task, tokenizer=tokenizer).offset)
         _freeze_for_stage(model, lte, 1, cfg.routers_only)
         eta, secs = _run_stage(1, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
                                cfg.eta, cfg.stage1_steps)
         _freeze_for_stage(model, lte, 2, cfg.routers_only)
-        cal = calibrate(model, calib, sparsity, batch_size=cfg.batch_size, task=task,
+        cal = calibrate(model, calib, sparsity, batch_size=8, task=task,
                         tokenizer=tokenizer)
         s1 = {"eta": eta, "seconds": secs, "offset": cal.offset,
               "sparsity_before_calibration": cal.uncalibrated_sparsity}
@@ -404,7 +419,7 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
     _, secs2 = _run_stage(2, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
                           s1["eta"], cfg.stage2_steps)
     model.eval()
-    cal2 = calibrate(model, calib, sparsity, batch_size=cfg.batch_size, task=task,
+    cal2 = calibrate(model, calib, sparsity, batch_size=8, task=task,
                      tokenizer=tokenizer)
     offset = s1["offset"] + cal2.offset
     fold(model, [cal2.offset] * len(lte))     # bias' = bias − logit(τ) + offset (bias has s1's)

@@ -1,0 +1,133 @@
+"""Two-stage training end to end on a real pretrained model (glassllm), resume, NaN, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from converter.errors import UserError
+from converter.train import TrainConfig, train_lte
+from samples.default import glassllm_model_dir, shakespeare_texts
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "converter.cli"]
+
+
+def _data():
+    train, heldout = shakespeare_texts()
+    return train[:2], heldout[:1]
+
+
+def _routers(ckpt) -> dict:
+    return load_file(str(Path(ckpt) / "lte_routers.safetensors"))
+
+
+def _cfg(**kw):
+    base = dict(stage1_steps=8, stage2_steps=4, batch_size=4, save_steps=4, log_steps=4,
+                calib_blocks=16)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_end_to_end_on_glassllm_hits_sparsity_and_reloads(tmp_path):
+    from converter.checkpoint import load_lte_model
+    from converter.data import pack, read_documents, spread
+    from converter.evaluate import measure
+
+    train, heldout = _data()
+    out = train_lte(glassllm_model_dir(), train, tmp_path / "lte", 0.5, heldout=heldout,
+                    config=_cfg())
+    info = json.loads((out / "lte.json").read_text())
+    assert info["folded"] and abs(info["sparsity"] - 0.5) <= 0.002
+    assert len(info["layer_sparsity"]) == 4 and info["task"] == "clm"
+    assert not (tmp_path / "lte.lte-work").exists()           # checkpoints cleaned up
+    model, _ = load_lte_model(out)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out)
+    other = spread(pack(tok, read_documents(shakespeare_texts()[1][1]), 128), 24)
+    m = measure(model, other, batch_size=8)
+    assert abs(m.sparsity - 0.5) <= 0.02                       # on an unseen held-out play
+    assert m.perplexity < 400                                  # dense glassllm: ~120-160
+
+
+def test_gradient_accumulation_matches_the_big_batch(tmp_path):
+    train, heldout = _data()
+    a = train_lte(glassllm_model_dir(), train, tmp_path / "a", 0.5, heldout=heldout,
+                  config=_cfg(stage1_steps=4, stage2_steps=2, batch_size=4))
+    b = train_lte(glassllm_model_dir(), train, tmp_path / "b", 0.5, heldout=heldout,
+                  config=_cfg(stage1_steps=4, stage2_steps=2, batch_size=2, grad_accum=2))
+    ra, rb = _routers(a), _routers(b)
+    assert max((ra[k] - rb[k]).abs().max().item() for k in ra) < 1e-4
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(CLI + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_ctrl_c_keeps_checkpoint_and_resume_continues_identically(tmp_path):
+    train, heldout = _data()
+    common = [str(glassllm_model_dir()), "--data", str(train[0]), "--heldout", str(heldout[0]),
+              "--sparsity", "0.4", "--stage1-steps", "40", "--stage2-steps", "4",
+              "--batch-size", "4", "--save-steps", "4"]
+    ref = _run_cli(common + ["--out", str(tmp_path / "ref")])
+    out = tmp_path / "run"
+    work = tmp_path / "run.lte-work" / "stage1"
+    p = _run_cli(common + ["--out", str(out)])
+    deadline = time.time() + 240
+    while not (work / "checkpoint-8" / "lte_state.json").exists():
+        assert p.poll() is None and time.time() < deadline, p.communicate()[0][-3000:]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    log = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "--resume" in log and "Traceback" not in log, log[-2000:]
+    assert not out.exists() and (work / "checkpoint-8" / "lte_state.json").exists()
+    r = _run_cli(common + ["--out", str(out), "--resume"])
+    log = r.communicate(timeout=400)[0]
+    assert r.returncode == 0, log[-3000:]
+    assert "Continuing training from checkpoint" in log or "checkpoint" in log
+    assert ref.wait(timeout=400) == 0, ref.communicate()[0][-3000:]
+    got, want = _routers(out), _routers(tmp_path / "ref")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    train, heldout = _data()
+    with pytest.raises(UserError, match="not finite.*last good checkpoint"):
+        train_lte(glassllm_model_dir(), train, tmp_path / "x", 0.5, heldout=heldout,
+                  config=_cfg(stage1_steps=30, save_steps=1, lr=1e7, router_lr=1e7))
+    ckpts = sorted((tmp_path / "x.lte-work" / "stage1").glob("checkpoint-*"))
+    assert ckpts and not (tmp_path / "x").exists()
+    last = load_file(str(ckpts[-1] / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in last.values())
+
+
+def test_two_processes_train_the_same_routers_as_one(tmp_path):
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    train, heldout = _data()
+    common = [str(glassllm_model_dir()), "--data", str(train[0]), "--heldout", str(heldout[0]),
+              "--stage1-steps", "6", "--stage2-steps", "2", "--save-steps", "100"]
+    one = _run_cli(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    two = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+                          "-m", "converter.cli", "train"] + common
+                         + ["--batch-size", "2", "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert one.wait(timeout=600) == 0, one.communicate()[0][-3000:]
+    info = json.loads((tmp_path / "two" / "lte.json").read_text())
+    assert info["training"]["world_size"] == 2
+    a, b = _routers(tmp_path / "one"), _routers(tmp_path / "two")
+    # fp32, dropout 0: only the summation order differs between the two runs.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
