@@ -33,8 +33,10 @@ the router loss is a per-micro-batch mean, so it is divided by
 per-rank means into the global mean. Routers are registered submodules (LTEFFN.router), and
 `ddp_find_unused_parameters=False`.
 
-Failure handling. A non-finite loss stops the run with a UserError before the optimizer step,
-so the last saved checkpoint is good. Ctrl-C or a killed process leaves the checkpoints in
+Failure handling. A non-finite loss (checked after each forward) or non-finite gradient
+(checked before each optimizer step; with fp16 the Trainer's grad scaler handles overflow
+first) stops the run with a UserError before the weights change, so the last saved
+checkpoint is good. Ctrl-C or a killed process leaves the checkpoints in
 `<out>.lte-work/`; `resume=True` continues from the newest complete one (a checkpoint is
 complete when its `lte_state.json`, written after everything else, exists).
 """
@@ -224,13 +226,23 @@ class LTETrainer(Trainer):
         else:
             finite = _all_reduce_mean(finite[None])[0]
         if float(finite) < 1.0:
-            raise UserError(
-                f"The training loss became {float(loss):.4g} (not finite) in stage {self.stage} "
-                f"at step {self.state.global_step}. The run stopped before this step changed "
-                f"any weights; the last good checkpoint is kept in {self.work}. Lower --lr "
-                "(or --router-lr), use --precision fp32, or check the data, then rerun with "
-                "--resume.")
+            self._stop(f"The training loss became {float(loss.detach()):.4g}")
         return (loss, outputs) if return_outputs else loss
+
+    def check_gradients(self):
+        """Before each optimizer step: a finite loss can still overflow in backward."""
+        if self.args.fp16:             # the grad scaler skips overflowing steps itself
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.float().abs().max() for g in grads])).all():
+            self._stop("The gradients became non-finite")
+
+    def _stop(self, what: str):
+        raise UserError(
+            f"{what} (not finite) in stage {self.stage} at step {self.state.global_step + 1}. "
+            "The run stopped before this step changed any weights; the last good checkpoint "
+            f"is kept in {self.work}. Lower --lr (or --router-lr), use --precision fp32, or "
+            "check the data, then rerun with --resume.")
 
     def log(self, logs, *args, **kwargs):
         if self.router_stats and "loss" in logs:
@@ -245,6 +257,9 @@ class _EtaCallback(TrainerCallback):
 
     def __init__(self, trainer):
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.check_gradients()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.update_eta()

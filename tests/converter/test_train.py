@@ -70,7 +70,7 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path):
 
 def _run_cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(CLI + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen(CLI + ["train"] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -105,7 +105,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     train, heldout = _data()
     with pytest.raises(UserError, match="not finite.*last good checkpoint"):
         train_lte(glassllm_model_dir(), train, tmp_path / "x", 0.5, heldout=heldout,
-                  config=_cfg(stage1_steps=30, save_steps=1, lr=1e7, router_lr=1e7))
+                  config=_cfg(stage1_steps=30, save_steps=2, lr=1e7, router_lr=1e7))
     ckpts = sorted((tmp_path / "x.lte-work" / "stage1").glob("checkpoint-*"))
     assert ckpts and not (tmp_path / "x").exists()
     last = load_file(str(ckpts[-1] / "model.safetensors"))
