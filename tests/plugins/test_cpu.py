@@ -13,6 +13,14 @@ from plugins.spec import ACTIVATIONS
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True)
+def bytes_only_cost_model(monkeypatch):
+    """With free calls the cost model always picks the sparse blocks (never merging gaps):
+    the tiny test FFNs would otherwise go dense. test_cost_model_choices covers the rest."""
+    monkeypatch.setitem(cpu.CALL_US, torch.float32, 0.0)
+    monkeypatch.setattr(cpu, "CALL_US_DEFAULT", 0.0)
+
+
 def rel_err(out, ref):
     out, ref = out.float(), ref.float()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -124,10 +132,59 @@ def test_inactive_experts_are_not_read(tokens):
 
 def test_plan_runs():
     union = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
-    sizes, runs, rows = cpu._plan(union, 2)
-    assert sizes == [0, 4, 2, 2, 4, 6, 0] and runs == [4, 2, 6]
+    sizes, runs, rows, experts, merged = cpu._plan(union, 2)
+    assert sizes == [0, 4, 2, 2, 4, 6, 0] and runs == [4, 2, 6] and not merged
     assert rows.tolist() == [0, 1, 2, 3, 6, 7, 12, 13, 14, 15, 16, 17]
-    sizes, runs, rows = cpu._plan(torch.tensor([False, True, False]), 3)
+    assert experts.tolist() == [0, 1, 3, 6, 7, 8]
+    sizes, runs, rows, experts, merged = cpu._plan(union, 2, gap=1)     # merges the 1-gap
+    assert sizes == [0, 8, 4, 6, 0] and runs == [8, 6] and merged
+    assert experts.tolist() == [0, 1, 2, 3, 6, 7, 8]
+    sizes, runs, rows, experts, merged = cpu._plan(union, 2, gap=2)     # one block
+    assert sizes == [0, 18, 0] and rows.tolist() == list(range(18))
+    sizes, runs, rows, _, _ = cpu._plan(torch.tensor([False, True, False]), 3)
     assert sizes == [3, 3, 3] and runs == [3] and rows.tolist() == [3, 4, 5]
-    sizes, runs, rows = cpu._plan(torch.zeros(4, dtype=torch.bool), 3)
+    sizes, runs, rows, _, _ = cpu._plan(torch.zeros(4, dtype=torch.bool), 3)
     assert sizes == [12] and runs == [] and rows.numel() == 0
+
+
+@pytest.mark.parametrize("calls", ["default", "costly"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["one", "random", "sparse"])
+@pytest.mark.parametrize("lead", [(1,), (3,)])
+def test_cost_model_choices(calls, dtype, kind, lead, monkeypatch):
+    """Default call costs (tiny FFNs go dense) and costly calls (every gap merged)."""
+    monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0 if calls == "default" else 1e6)
+    monkeypatch.setattr(cpu, "CALL_US_DEFAULT", 12.0 if calls == "default" else 1e6)
+    w = weights(40, 320, True, True, dtype)
+    x = torch.randn(*lead, 40).to(dtype)
+    check_all(x, make_mask(kind, lead, 40, seed=3), w, 8, "silu")
+
+
+def test_gap_cost_model_at_real_shapes(monkeypatch):
+    monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0)
+    monkeypatch.setattr(cpu, "CALL_US_DEFAULT", 12.0)
+    """fp32 never computes a skipped expert at SmolLM2 or LLaMA2-7B shapes; bf16 does at
+    SmolLM2's (small rows, costly oneDNN calls) but not at 7B's."""
+    for F_, d in [(1536, 576), (11008, 4096)]:
+        assert cpu.max_gap(torch.empty(F_, d), True, 32, 1) == 0
+        assert cpu.max_gap(torch.empty(F_, d), True, 32, 4) == 0
+    assert cpu.max_gap(torch.empty(1536, 576, dtype=torch.bfloat16), True, 32, 1) == 3
+    assert cpu.max_gap(torch.empty(11008, 4096, dtype=torch.bfloat16), True, 32, 1) == 0
+
+
+def test_sparse_path_at_real_shapes(monkeypatch):
+    """The default cost model keeps the sparse blocks for one fp32 token at SmolLM2 and
+    LLaMA2-7B shapes at 50% sparsity, and goes dense for a full union."""
+    monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0)
+    for F_, d in [(1536, 576), (11008, 4096)]:
+        E = F_ // 32
+        union = torch.arange(E) % 4 < 2                           # half on, in pairs
+        w = torch.empty(F_, d)
+        assert cpu._sparse_plan(union[None], union, w, True, 32) is not None
+        assert cpu._sparse_plan(union[None], union, w, True, 32)[4] is False   # no merging
+    half = torch.arange(48) % 2 == 0
+    assert cpu._sparse_plan(half[None].expand(2, 48), half,
+                            torch.empty(1536, 576, dtype=torch.bfloat16), True, 32) is None
+    full = torch.ones(48, dtype=torch.bool)
+    assert cpu._sparse_plan(full[None].expand(4, 48), full, torch.empty(1536, 576), True,
+                            32) is None
