@@ -20,11 +20,13 @@ Modes (a plain Python attribute, so exported graphs see only one branch):
               runs plugins.ops.sparse_ffn, i.e. the lte::sparse_ffn op or its ONNX node pair.
 
 Router initialisation (converter.surgery): W_r,e = mean of expert e's raw W_gate rows (W_up
-for non-gated FFNs), b_r,e = mean of their biases + ROUTER_INIT_BIAS. So z_e starts as the
-expert's average gate pre-activation — the k-means centroid in weight space, un-normalised so
-its scale is the neurons' own — shifted up so that σ(z) ≈ 0.9 for a typical token: stage 1
-starts close to the dense model (every expert on, scaled by ~0.9), and the efficiency loss then
-switches experts off in the order in which their neurons tend to be inactive.
+for non-gated FFNs; padding excluded), b_r,e = mean of their biases + ROUTER_INIT_BIAS. So z_e
+starts as the average gate pre-activation of the expert's neurons (the k-means cluster's mean
+row, in the weights' own scale) plus 2: σ(z) ≈ 0.88 where that average is 0, so stage 1 starts
+near the dense model (experts on, scaled by ~0.9) and the efficiency loss switches off first
+the experts whose neurons this token barely activates. Without training, keeping each token's
+top half of experts by this init gives SmolLM2 perplexity 2994 vs 20226 for a random half
+(oracle 322; results/grouping.md).
 """
 from __future__ import annotations
 
