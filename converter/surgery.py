@@ -13,11 +13,12 @@ the intermediate dimension, and padded neurons that are zero in and out.
 
 Router initialisation: W_r,e = mean of expert e's raw W_gate rows (W_up for non-gated
 families; padding rows excluded), b_r,e = mean of the same rows' biases + ROUTER_INIT_BIAS.
-So z_e(x) starts as the average gate pre-activation of the expert's neurons — the k-means
-centroid in un-normalised weight space, which ranks experts by how active their neurons are
-for this token at no data cost — shifted so that σ(z) ≈ 0.9: stage 1 starts near the dense
-model with every expert on, instead of halving every expert's output at step 0 (bias 0) or
-starting from a random ranking (PyTorch's default init).
+So z_e(x) starts as the average gate pre-activation of the expert's neurons (the k-means
+cluster's mean row, in the weights' own scale), which ranks experts by how active their
+neurons are for this token at no data cost, shifted by +2 (σ ≈ 0.88): stage 1 starts near
+the dense model with every expert on, instead of halving every expert's output at step 0
+(bias 0) or starting from a random ranking (PyTorch's default init). Measured: see
+converter/lte_ffn.py and results/grouping.md.
 """
 from __future__ import annotations
 
