@@ -1,0 +1,67 @@
+"""evaluate_checkpoint: report, plots, FLOPs, sweep; measured perplexity vs a direct forward."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from converter.calibrate import calibrate
+from converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
+from converter.data import pack, read_documents, spread
+from converter.evaluate import evaluate_checkpoint, ffn_flops_per_token, measure
+from converter.surgery import convert_model, set_mode
+from samples.default import glassllm_model_dir, shakespeare_texts
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """An untrained LTE checkpoint of glassllm (surgery's router init), calibrated to 0.5."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(glassllm_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(glassllm_model_dir()).eval()
+    convert_model(model, 32, seed=0)
+    set_mode(model, "hard")
+    blocks = spread(pack(tok, read_documents(shakespeare_texts()[1][0]), 128), 16)
+    cal = calibrate(model, blocks, 0.5)
+    fold(model, [cal.offset] * 4)
+    path = tmp_path_factory.mktemp("eval") / "ckpt"
+    save_lte_checkpoint(model, path, {"target_sparsity": 0.5, "task": "clm"}, tokenizer=tok)
+    return path
+
+
+def test_report_plots_and_sweep(ckpt, tmp_path):
+    heldout = shakespeare_texts()[1][0]
+    r = evaluate_checkpoint(ckpt, [heldout], out_dir=tmp_path, sweep=[0.3, 0.7], max_blocks=16,
+                            calib_blocks=16)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["perplexity"] == pytest.approx(r["perplexity"])
+    assert abs(r["sparsity"] - 0.5) <= 0.002                  # same blocks as calibration
+    assert 1 < r["perplexity"] < 1000 and 0 < r["accuracy"] < 1
+    for p in r["sweep"]:
+        assert abs(p["sparsity"] - p["target"]) <= 0.02
+    assert r["sweep"][0]["perplexity"] < r["sweep"][1]["perplexity"]
+    for png in ("layer_sparsity.png", "sweep.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_by_hand(ckpt):
+    model, _ = load_lte_model(ckpt)
+    # glassllm: d=128, d_ff=341 padded to F=352 (11 experts), gated (3 matrices), 4 layers.
+    f = ffn_flops_per_token(model, [0.5, 0.25, 0.0, 1.0])
+    assert f["dense"] == 4 * 2 * 128 * 341 * 3
+    on = 0.5 + 0.75 + 1.0 + 0.0
+    assert f["lte"] == pytest.approx(4 * 2 * 128 * 11 + on * 2 * 128 * 352 * 3)
+
+
+def test_measured_perplexity_matches_a_direct_forward(ckpt):
+    model, _ = load_lte_model(ckpt)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    blocks = pack(tok, read_documents(shakespeare_texts()[1][0]), 64)[:3]
+    m = measure(model, blocks, batch_size=2)
+    with torch.no_grad():
+        loss = model(blocks, labels=blocks).loss       # HF mean over the 3·63 predictions
+    assert m.tokens == 3 * 63 and m.perplexity == pytest.approx(math.exp(loss.item()), rel=1e-5)
