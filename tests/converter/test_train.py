@@ -131,3 +131,15 @@ def test_two_processes_train_the_same_routers_as_one(tmp_path):
     a, b = _routers(tmp_path / "one"), _routers(tmp_path / "two")
     # fp32, dropout 0: only the summation order differs between the two runs.
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_default_cli_run_on_smollm2_hits_the_default_sparsity(tmp_path):
+    """The embedded default end to end (few steps; the full default run is timed in
+    results/quality.md)."""
+    r = _run_cli(["--out", str(tmp_path / "d"), "--stage1-steps", "4", "--stage2-steps", "2"])
+    log = r.communicate(timeout=3000)[0]
+    assert r.returncode == 0, log[-3000:]
+    info = json.loads((tmp_path / "d" / "lte.json").read_text())
+    assert info["model_type"] == "llama" and len(info["layer_sparsity"]) == 30
+    assert abs(info["sparsity"] - 0.5) <= 0.02
