@@ -31,7 +31,7 @@ from plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
 from plugins.spec import ACTIVATIONS, DTYPES, NAMESPACE, FFNShape, check_inputs
 
 
-def _check_attrs(expert_size, activation):
+def _check_attrs(activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"lte.SparseFFN: activation {activation!r} is not supported; "
                          f"expected one of {', '.join(ACTIVATIONS)}.")
@@ -39,7 +39,7 @@ def _check_attrs(expert_size, activation):
 
 def _check_up(x, mask, w_gate, w_up, b_gate, b_up, expert_size, activation):
     """check_inputs for the up half: W_up stands in for W_down_t (same [F, d] shape)."""
-    _check_attrs(expert_size, activation)
+    _check_attrs(activation)
     check_inputs(x, mask, w_gate, w_up, w_up, b_gate, b_up, None, expert_size)
 
 
@@ -79,7 +79,7 @@ def _check_down(h, mask, w_down_t, b_down, expert_size):
 
 
 def _check(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size, activation):
-    _check_attrs(expert_size, activation)
+    _check_attrs(activation)
     check_inputs(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size)
 
 
