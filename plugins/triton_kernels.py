@@ -49,9 +49,10 @@ num_warps, num_stages) both the PyTorch launchers here and trt_plugins/ use. Sha
 every config is < 48 KiB (checked in tests), and Triton's scratch sizes are 0.
 
 PyTorch entry points: `sparse_ffn_up`, `sparse_ffn_down` (always the kernels) and
-`sparse_ffn` (the whole op; from `DENSE_MIN_TOKENS` tokens on it runs the masked FFN with
-cuBLAS matmuls instead, which measured faster for prefill). Nothing here syncs with the
-host, so a decode step can be captured in a CUDA graph.
+`sparse_ffn` (the whole op, dispatched by token count to what measured fastest: both kernels
+for one token, the up kernel + cuBLAS for a few, cuBLAS + one fused act·up·mask kernel
+(`act_mul_mask_kernel`, PyTorch only) from `DENSE_MIN_TOKENS` on). Nothing here syncs with
+the host, so a decode step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ import triton.language as tl
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
-# From this many tokens on, `sparse_ffn` uses cuBLAS on the masked h (see docs/kernels.md).
-DENSE_MIN_TOKENS = 64
+# From this many tokens on, `sparse_ffn` runs cuBLAS for all projections (see sparse_ffn).
+DENSE_MIN_TOKENS = 17
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,6 +229,27 @@ def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
              mask=tok_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def act_mul_mask_kernel(gate_ptr, up_ptr, mask_ptr,
+                        T, F,
+                        h_ptr,
+                        EXPERT_SIZE: tl.constexpr, ACTIVATION: tl.constexpr,
+                        GATED: tl.constexpr, BLOCK: tl.constexpr):
+    """h = act(gate)·up·mask[t, f // s] elementwise over [T, F] (PyTorch prefill path only)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    t = offs // F
+    f = offs - t * F
+    ok = t < T
+    on = tl.load(mask_ptr + t * (F // EXPERT_SIZE) + f // EXPERT_SIZE, mask=ok, other=0) != 0
+    up = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)      # 16-byte vectors
+    if GATED:
+        gate = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        h = _act(gate, ACTIVATION) * up
+    else:
+        h = _act(up, ACTIVATION)
+    tl.store(h_ptr + offs, tl.where(on, h, 0.0).to(h_ptr.dtype.element_ty), mask=ok)
+
+
 # ----------------------------------------------------------------------------------------
 # Launch configuration (shared with trt_plugins/)
 # ----------------------------------------------------------------------------------------
@@ -257,15 +279,16 @@ class LaunchConfig:
 
 # Per token-count bucket: (max T, up config, down config). Tuned on an H200 (results/gpu.md).
 _CONFIGS = (
-    (1, LaunchConfig("up", 1, 8, 512, 4), LaunchConfig("down", 1, 256, 32, 8)),
-    (16, LaunchConfig("up", 16, 32, 128, 4, 3), LaunchConfig("down", 16, 128, 32, 4, 3)),
+    (1, LaunchConfig("up", 1, 16, 256, 8), LaunchConfig("down", 1, 512, 16, 8)),
+    (16, LaunchConfig("up", 16, 32, 128, 4, 3), LaunchConfig("down", 16, 128, 32, 4, 4)),
     (64, LaunchConfig("up", 64, 64, 32, 4, 3), LaunchConfig("down", 64, 64, 64, 4, 2)),
     (None, LaunchConfig("up", 64, 128, 32, 8, 2), LaunchConfig("down", 64, 32, 128, 8, 3)),
 )
 
 
 SMALL_D = 2048
-_SMALL_D_BLOCK = {"up": 128, "down": 16}
+_SMALL_D_ONE_TOKEN = {"up": LaunchConfig("up", 1, 8, 512, 4),
+                      "down": LaunchConfig("down", 1, 512, 16, 8)}
 
 
 @lru_cache(maxsize=None)
@@ -274,9 +297,8 @@ def launch_config(op: str, T: int, d: int, F: int, expert_size: int,
     """The config both launchers (PyTorch here, TensorRT AOT) use for `op` at T tokens.
 
     Any config is correct for any T (the grid covers all tokens); T only picks the fastest.
-    Small models (d < SMALL_D) get narrower one-token column blocks: less padding in up, and
-    more down programs (d / block_d of them). fp32 halves the K block of the tl.dot configs
-    so shared memory stays the same.
+    Small models (d < SMALL_D) have their own one-token configs (measured on SmolLM2-135M).
+    fp32 halves the K block of the tl.dot configs so shared memory stays the same.
     """
     assert op in ("up", "down"), op
     for max_t, up, down in _CONFIGS:
@@ -284,7 +306,7 @@ def launch_config(op: str, T: int, d: int, F: int, expert_size: int,
             cfg = up if op == "up" else down
             break
     if cfg.block_t == 1 and d < SMALL_D:
-        cfg = replace(cfg, block_d=_SMALL_D_BLOCK[op])
+        cfg = _SMALL_D_ONE_TOKEN[op]
     if dtype == torch.float32 and cfg.block_t > 1:
         cfg = replace(cfg, block_d=max(16, cfg.block_d // 2) if op == "up" else cfg.block_d,
                       block_f=max(16, cfg.block_f // 2) if op == "down" else cfg.block_f)
@@ -411,37 +433,45 @@ def sparse_ffn_down(h2d, mask2d, w_down_t, b_down, *, expert_size,
     return y
 
 
-_TORCH_ACTS = {
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-    "relu": torch.relu,
-}
+def _act_mul_mask(gate, up, mask2d, expert_size, activation):
+    """h = act(gate)·up·mask (gate None: act(up)·mask), one fused elementwise launch."""
+    T, F = up.shape
+    mask_u8 = _mask_bytes(mask2d, T, F // expert_size)
+    h = torch.empty_like(up)
+    BLOCK = 1024
+    act_mul_mask_kernel[(triton.cdiv(T * F, BLOCK),)](
+        gate if gate is not None else up, up, mask_u8, T, F, h,
+        EXPERT_SIZE=expert_size, ACTIVATION=ACTIVATION_CODES[activation],
+        GATED=int(gate is not None), BLOCK=BLOCK, num_warps=4)
+    return h
 
 
-def _dense_masked_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down,
-                      expert_size, activation):
-    """Prefill path: cuBLAS matmuls over all experts, then the mask (same numerics order)."""
-    T = x2d.shape[0]
-    up = torch.nn.functional.linear(x2d, w_up, b_up)
-    if w_gate is not None:
-        h = _TORCH_ACTS[activation](torch.nn.functional.linear(x2d, w_gate, b_gate)) * up
-    else:
-        h = _TORCH_ACTS[activation](up)
-    h = h.view(T, -1, expert_size).mul_(mask2d.unsqueeze(-1)).view(T, -1)
-    y = h @ w_down_t
-    return y + b_down if b_down is not None else y
+def _masked_down(h, w_down_t, b_down):
+    """cuBLAS y = h·W_down_t + b_down for an h whose skipped experts are already 0."""
+    return torch.addmm(b_down, h, w_down_t) if b_down is not None else h @ w_down_t
 
 
 def sparse_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down, *,
                expert_size, activation):
     """The whole op on 2-D inputs: y [T, d]. Gated when w_gate is not None.
 
-    T < DENSE_MIN_TOKENS: the two sparse kernels; otherwise cuBLAS on the masked h.
+    Dispatch by token count (measured on an H200, results/gpu.md):
+      T == 1:                      up kernel + down kernel (each reads only active rows);
+      1 < T < DENSE_MIN_TOKENS:    up kernel (union of the tokens' experts) + cuBLAS on the
+                                   masked h for down (the down kernel has too few programs
+                                   to stream for several tokens);
+      T >= DENSE_MIN_TOKENS:       cuBLAS for all three projections, one fused kernel for
+                                   act(gate)·up·mask (the union is nearly every expert).
     """
-    if x2d.shape[0] >= DENSE_MIN_TOKENS:
-        return _dense_masked_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down,
-                                 expert_size, activation)
+    T = x2d.shape[0]
+    gated = w_gate is not None
+    if T >= DENSE_MIN_TOKENS:
+        up = torch.nn.functional.linear(x2d, w_up, b_up)
+        gate = torch.nn.functional.linear(x2d, w_gate, b_gate) if gated else None
+        return _masked_down(_act_mul_mask(gate, up, mask2d, expert_size, activation),
+                            w_down_t, b_down)
     h = sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, expert_size=expert_size,
-                      activation=activation, gated=w_gate is not None)
+                      activation=activation, gated=gated)
+    if T > 1:
+        return _masked_down(h, w_down_t, b_down)
     return sparse_ffn_down(h, mask2d, w_down_t, b_down, expert_size=expert_size)

@@ -72,7 +72,12 @@ CASES = [  # T, d, F, s, gated, bias, activation, masks
 ]
 KERNEL_IDS = [f"T{c[0]}-d{c[1]}-F{c[2]}-s{c[3]}-{c[6]}-{c[7]}-{p}-{dt}"
               for c in CASES for p in sorted(PATHS) for dt in ("fp32", "fp16")]
-WHOLE_OP_T = (1, 4, 20)           # sparse_ffn with launch_config's own choices, fp32
+# sparse_ffn with its own dispatch (one token: both kernels; a few: up kernel + matmul;
+# from DENSE_MIN_TOKENS (17) on: matmuls + the fused act·up·mask kernel), fp32.
+WHOLE_OP = [(1, True, True, "silu"), (4, True, True, "silu"), (20, True, True, "silu"),
+            (3, False, True, "gelu"), (17, False, True, "gelu_tanh"), (40, True, False, "relu")]
+WHOLE_OP_IDS = [f"T{T}-{'gated' if g else 'plain'}{'-bias' if b else ''}-{a}"
+                for T, g, b, a in WHOLE_OP]
 AOT_T = (1, 16, 64, 4096)         # one T per launch_config bucket
 AOT_IDS = [f"{op}-{dt}-sm{arch}" for op in ("up", "down")   # fp16 compiles like bf16
            for dt, arch in (("bf16", 80), ("bf16", 90), ("fp16", 90), ("fp32", 80), ("fp32", 90))]
@@ -112,14 +117,14 @@ def _run_interpret():
             for i, (c, p, dt) in zip(KERNEL_IDS, ((c, p, dt) for c in CASES
                                                    for p in sorted(PATHS)
                                                    for dt in ("fp32", "fp16")))]
-    for T in WHOLE_OP_T:
-        def whole(T=T):
-            p = _problem(T, 48, 128, 32, True, True, torch.float32, "per_token", seed=T)
+    for name, (T, gated, bias, act) in zip(WHOLE_OP_IDS, WHOLE_OP):
+        def whole(T=T, gated=gated, bias=bias, act=act):
+            p = _problem(T, 48, 128, 32, gated, bias, torch.float32, "per_token", seed=T)
             y = tk.sparse_ffn(p["x"], p["mask"], p["w_gate"], p["w_up"], p["w_down_t"],
                               p["b_gate"], p["b_up"], p["b_down"], expert_size=32,
-                              activation="silu")
-            return {"rel": _rel(y, sparse_ffn_reference(**p, expert_size=32, activation="silu"))}
-        jobs.append((f"whole-T{T}", whole))
+                              activation=act)
+            return {"rel": _rel(y, sparse_ffn_reference(**p, expert_size=32, activation=act))}
+        jobs.append((f"whole-{name}", whole))
     for name, job in jobs:
         try:
             out[name] = job()
@@ -210,9 +215,9 @@ def test_up_and_down_match_reference(interpreted, case_id):
         assert r["y_zero"]
 
 
-@pytest.mark.parametrize("T", WHOLE_OP_T)
-def test_default_configs_whole_op_match_reference(interpreted, T):
-    r = interpreted[f"whole-T{T}"]
+@pytest.mark.parametrize("name", WHOLE_OP_IDS)
+def test_whole_op_dispatch_matches_reference(interpreted, name):
+    r = interpreted[f"whole-{name}"]
     assert "error" not in r, r.get("error")
     assert r["rel"] <= 1e-5, r
 
@@ -226,17 +231,6 @@ def test_aot_compile_fits_plugin_rules(aot, name):
         assert c["shared"] < 48 * 1024, c
         assert c["global_scratch"] == 0 and c["profile_scratch"] == 0, c
         assert c["ptxas"] in (True, None), c
-
-
-def test_dense_fallback_for_many_tokens_matches_reference():
-    from plugins import triton_kernels
-
-    T = triton_kernels.DENSE_MIN_TOKENS
-    p = _problem(T, 24, 64, 16, True, True, torch.float32, "per_token", seed=3)
-    y = triton_kernels.sparse_ffn(p["x"], p["mask"], p["w_gate"], p["w_up"], p["w_down_t"],
-                                  p["b_gate"], p["b_up"], p["b_down"], expert_size=16,
-                                  activation="gelu")
-    assert _rel(y, sparse_ffn_reference(**p, expert_size=16, activation="gelu")) <= 1e-5
 
 
 def test_launchers_reject_bad_inputs_with_the_shapes():
