@@ -46,7 +46,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -86,7 +86,6 @@ class TrainConfig:
     text_field: str = "text"
     keep_checkpoints: bool = False
     log_steps: int = 5
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,7 +444,7 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
                         "stage2_offset": cal2.offset, "blocks": len(calib),
                         "block_size": cfg.block_size, "method": "global bias shift"},
         "source_model": str(model_dir), "task": task,
-        "training": {**{k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "training": {**asdict(cfg),
                      "final_eta": s1["eta"], "stage1_seconds": s1["seconds"],
                      "stage2_seconds": secs2, "train_blocks": len(blocks.train),
                      "world_size": int(os.environ.get("WORLD_SIZE", "1"))},

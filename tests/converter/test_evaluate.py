@@ -65,3 +65,21 @@ def test_measured_perplexity_matches_a_direct_forward(ckpt):
     with torch.no_grad():
         loss = model(blocks, labels=blocks).loss       # HF mean over the 3·63 predictions
     assert m.tokens == 3 * 63 and m.perplexity == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_fold_cli_retargets_a_folded_checkpoint(ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from converter.cli import cli
+
+    heldout = str(shakespeare_texts()[1][0])
+    r = CliRunner().invoke(cli, ["fold", str(ckpt), "--sparsity", "0.3", "--out",
+                                 str(tmp_path / "f"), "--data", heldout, "--calib-blocks", "16"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "f" / "lte.json").read_text())
+    assert info["folded"] and abs(info["sparsity"] - 0.3) <= 0.002
+    model, _ = load_lte_model(tmp_path / "f")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "f")
+    blocks = spread(pack(tok, read_documents(heldout), 128), 16)
+    assert abs(measure(model, blocks).sparsity - 0.3) <= 0.002
