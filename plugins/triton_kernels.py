@@ -188,28 +188,35 @@ def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
     toks64 = toks.to(tl.int64)
 
     if BLOCK_T == 1:
-        # Software-pipelined: the mask of chunk i+2 and the rows of chunk i+1 (active
-        # experts only) are loaded before chunk i is multiplied, so a weight load never
-        # waits for its mask; trips past F load nothing (all predicated off).
+        # Software-pipelined two chunks deep: while chunk i is multiplied, the rows of
+        # chunks i+1 and i+2 (active experts only) are in flight and the mask of chunk i+3
+        # is loaded, so a weight load never waits for its mask. The loop is bound by bytes
+        # in flight per SM (measured), so depth matters; trips past F load nothing.
         acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
         mask_row = mask_ptr + toks64 * n_experts
+        h_row = h_ptr + toks64 * F
         rows = tl.arange(0, BLOCK_F)
         on = tl.load(mask_row + rows // EXPERT_SIZE, mask=(rows < F) & tok_ok, other=0) != 0
-        hv = tl.load(h_ptr + toks64 * F + rows, mask=on, other=0.0)
+        hv = tl.load(h_row + rows, mask=on, other=0.0)
         w = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
                     mask=on[:, None] & col_ok[None, :], other=0.0)
         rows = BLOCK_F + tl.arange(0, BLOCK_F)
         on = tl.load(mask_row + rows // EXPERT_SIZE, mask=(rows < F) & tok_ok, other=0) != 0
-        for f0 in range(BLOCK_F, F + BLOCK_F, BLOCK_F):
-            rows = f0 + tl.arange(0, BLOCK_F)
-            rows2 = rows + BLOCK_F
-            on_next = tl.load(mask_row + rows2 // EXPERT_SIZE, mask=(rows2 < F) & tok_ok,
-                              other=0) != 0
-            hv_next = tl.load(h_ptr + toks64 * F + rows, mask=on, other=0.0)
-            w_next = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
-                             mask=on[:, None] & col_ok[None, :], other=0.0)
-            acc += hv.to(tl.float32)[:, None] * w.to(tl.float32)
-            hv, w, on = hv_next, w_next, on_next
+        hv1 = tl.load(h_row + rows, mask=on, other=0.0)
+        w1 = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
+                     mask=on[:, None] & col_ok[None, :], other=0.0)
+        rows = 2 * BLOCK_F + tl.arange(0, BLOCK_F)
+        on = tl.load(mask_row + rows // EXPERT_SIZE, mask=(rows < F) & tok_ok, other=0) != 0
+        for f0 in range(2 * BLOCK_F, F + 2 * BLOCK_F, BLOCK_F):
+            rows = f0 + tl.arange(0, BLOCK_F)                               # chunk i+2
+            rows3 = rows + BLOCK_F
+            on3 = tl.load(mask_row + rows3 // EXPERT_SIZE, mask=(rows3 < F) & tok_ok,
+                          other=0) != 0
+            hv2 = tl.load(h_row + rows, mask=on, other=0.0)
+            w2 = tl.load(w_down_t_ptr + rows[:, None] * D + cols[None, :],
+                         mask=on[:, None] & col_ok[None, :], other=0.0)
+            acc += hv.to(tl.float32)[:, None] * w.to(tl.float32)            # chunk i
+            hv, w, hv1, w1, on = hv1, w1, hv2, w2, on3
         y = tl.sum(acc, axis=0)[None, :]                                    # [1, BLOCK_D]
     else:
         y = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
