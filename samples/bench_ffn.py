@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import plugins  # noqa: F401  (registers torch.ops.lte)
+from converter.errors import UserError
 from plugins.reference import ACT_FNS
 
 # name -> (d, d_ff, layers in the model)
@@ -75,8 +76,9 @@ def recorded_masks(path, n_layers, tokens, E, device):
     for i in range(n_layers):
         m = rec[keys[i % len(keys)]]
         if m.shape[-1] != E or m.shape[0] < tokens:
-            raise SystemExit(f"{path}: {keys[i % len(keys)]} has shape {tuple(m.shape)}; "
-                             f"need at least [{tokens}, {E}] for this shape.")
+            raise UserError(f"{path}: {keys[i % len(keys)]} has shape {tuple(m.shape)}; this "
+                            f"benchmark needs at least [{tokens}, {E}] for the shape. Record "
+                            "masks from a model with this FFN shape, or lower --tokens.")
         out.append(m[-tokens:].bool().to(device))
     return out
 
@@ -239,14 +241,16 @@ def main(argv=None):
     args.dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     if args.clock == "cpu":
         if device.type != "cpu":
-            raise SystemExit("--clock cpu is for CPU runs only")
+            raise UserError("--clock cpu measures CPU time and is for CPU runs only; use "
+                            "--clock wall (CUDA events) with --device cuda.")
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for shape_name in args.shapes.split(","):
         if shape_name not in SHAPES:
-            raise SystemExit(f"unknown shape {shape_name!r}; choose from {list(SHAPES)}")
+            raise UserError(f"Unknown shape {shape_name!r} in --shapes; choose from "
+                            f"{', '.join(SHAPES)}.")
         d, F_, model_layers = SHAPES[shape_name]
         per_layer = 4 * F_ * d * torch.finfo(args.dtype).bits / 8  # gate, up, down, down_t
         n = args.layers or max(1, min(model_layers, int(args.max_gib * 2**30 // per_layer)))

@@ -223,3 +223,33 @@ def test_folded_model_generate_runs_the_op(family):
     assert Calls.count == n_layers * 3          # every layer, prefill + 2 decode steps
     with torch.no_grad():
         torch.testing.assert_close(model(out).logits, hard(out).logits, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# `lte-convert bench` (plugins/cli.py over samples/bench_ffn.py): runs, writes its JSON
+# ---------------------------------------------------------------------------------------------
+def test_bench_command_writes_json(tmp_path, capsys):
+    import json
+
+    from click.testing import CliRunner
+
+    from plugins.cli import bench
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(bench, ["--shapes", "smollm2", "--tokens", "1,3", "--sparsity",
+                                        "0,0.75", "--layers", "2", "--reps", "2", "--device",
+                                        "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tokens"], r["sparsity"]) for r in rows] == [(1, 0.0), (1, 0.75), (3, 0.0),
+                                                            (3, 0.75)]
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and 0 < r["union_density"] <= 1
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
+    assert rows[0]["union_density"] == 1.0 and rows[1]["union_density"] < 0.5
+
+
+def test_bench_command_unknown_shape_is_a_user_error():
+    from converter.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--shapes", "gpt5", "--device", "cpu"])
+    assert e.value.code == 2
