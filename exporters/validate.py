@@ -9,11 +9,14 @@ Metrics per step, on the logits: max |Δ|, max |Δ| / max |ref| (relative), the 
 elements outside |Δ| ≤ atol + rtol·|ref|, the lowest per-token cosine similarity, and top-1
 agreement. Masks: per LTE layer, the number of expert decisions (token × expert) that differ.
 
-Pass rule: the flip rate is at most `max_flip_rate`, and every logit of every token whose
-masks all agree is within atol/rtol. A flipped decision is a router logit within rounding of
-0; its token legitimately computes another set of experts, so its logits are judged by the
-flip rate, not by atol (the table still shows its max |Δ|). A backend that cannot report
-masks (a TensorRT engine) is held to atol/rtol on every token.
+Pass rule: the flip rate is at most `max_flip_rate`, and every logit of every token not
+affected by a flip is within atol/rtol. A flipped decision is a router logit within rounding
+of 0: that token legitimately computes another set of experts, and so do, through attention,
+the later tokens of its sequence (every token of it, for encoders). Those tokens are judged
+by the flip rate, not by atol (the table still shows the overall max |Δ|). Measured on an
+untrained, median-routed SmolLM2 (results/exporters.md), one fp32 flip in layer 16 moved
+later logits of its sequence by up to 17. A backend that cannot report masks (a TensorRT
+engine) is held to atol/rtol on every token.
 
 Defaults are per dtype (DEFAULT_TOLERANCES, measured: results/exporters.md). A bfloat16 file
 runs in ONNX Runtime as a float32 upcast copy (no bf16 CPU kernels), so the PyTorch side runs
@@ -31,13 +34,13 @@ from google.protobuf.message import DecodeError
 
 from converter.atomic import atomic_path
 from converter.errors import UserError
-from exporters import metadata
+from exporters import metadata, wrappers
 from exporters.backends import MASK_PREFIX, Backend, OrtBackend, TorchBackend
 from plugins import spec
 
 # dtype the comparison runs in -> atol, rtol, max flip rate
 DEFAULT_TOLERANCES = {
-    "float32": {"atol": 1e-3, "rtol": 1e-3, "max_flip_rate": 1e-3},
+    "float32": {"atol": 1e-2, "rtol": 1e-3, "max_flip_rate": 1e-3},
     "float16": {"atol": 5e-2, "rtol": 2e-2, "max_flip_rate": 1e-2},
     "bfloat16": {"atol": 2.5e-1, "rtol": 5e-2, "max_flip_rate": 3e-2},
 }
@@ -190,36 +193,53 @@ def _masks(out: dict, tokens: tuple) -> list[np.ndarray]:
     return [np.asarray(out[k], bool).reshape(*tokens, -1) for k in keys]
 
 
-def compare_step(ref: dict, test: dict, tol: dict) -> dict:
-    """Metrics of one step (see the module docstring)."""
+def compare_step(ref: dict, test: dict, tol: dict, first_flip: np.ndarray | None = None,
+                 offset: int = 0, causal: bool = True) -> tuple[dict, np.ndarray]:
+    """(metrics of one step, updated first_flip) — see the module docstring.
+
+    first_flip [n]: per sequence, the position of its first flipped decision so far (inf:
+    none). A token is exempt from atol/rtol when its sequence flipped at or before its
+    position (causal models: later tokens attend to the flipped one), or anywhere (encoders).
+    `offset` is the position of this step's first token.
+    """
     a = np.asarray(test["logits"], np.float32)
     b = np.asarray(ref["logits"], np.float32)
     assert a.shape == b.shape, (a.shape, b.shape)
+    n, seq = a.shape[:2]
+    first_flip = np.full(n, np.inf) if first_flip is None else first_flip.copy()
     diff = np.abs(a - b)
     bad = diff > tol["atol"] + tol["rtol"] * np.abs(b)
-    tokens = a.shape[:-1]
-    m_ref, m_test = _masks(ref, tokens), _masks(test, tokens)
+    m_ref, m_test = _masks(ref, (n, seq)), _masks(test, (n, seq))
     have_masks = bool(m_test) and len(m_test) == len(m_ref)
     flips = [int((x != y).sum()) for x, y in zip(m_ref, m_test)] if have_masks else None
-    flipped_tok = np.zeros(tokens, bool)
+    flipped_tok = np.zeros((n, seq), bool)
     if have_masks:
         for x, y in zip(m_ref, m_test):
             flipped_tok |= (x != y).any(-1)
+    pos = offset + np.arange(seq)
+    here = np.where(flipped_tok.any(1), offset + flipped_tok.argmax(1), np.inf)
+    first_flip = np.minimum(first_flip, here)
+    if causal:
+        exempt = pos[None, :] >= first_flip[:, None]
+    else:
+        exempt = np.broadcast_to(np.isfinite(first_flip)[:, None], (n, seq))
     a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     cos = (a2 * b2).sum(-1) / np.maximum(np.linalg.norm(a2, axis=-1) * np.linalg.norm(b2, axis=-1),
                                          1e-30)
     return {
-        "tokens": int(np.prod(tokens)),
+        "tokens": n * seq,
         "max_abs": float(diff.max()),
         "max_rel": float(diff.max() / max(float(np.abs(b).max()), 1e-30)),
         "out_of_tolerance": int(bad.sum()),
-        "out_of_tolerance_unflipped": int(bad[~flipped_tok].sum()),
+        "out_of_tolerance_checked": int(bad[~exempt].sum()),
+        "max_abs_checked": float(diff[~exempt].max()) if (~exempt).any() else 0.0,
         "min_cosine": float(cos.min()),
         "top1_agreement": float((a2.argmax(-1) == b2.argmax(-1)).mean()),
         "mask_decisions": int(sum(x.size for x in m_ref)) if have_masks else None,
         "mask_flips_per_layer": flips,
         "tokens_with_flips": int(flipped_tok.sum()) if have_masks else None,
-    }
+        "tokens_exempt": int(exempt.sum()),
+    }, first_flip
 
 
 def judge(steps: dict, tol: dict) -> list[str]:
@@ -232,9 +252,10 @@ def judge(steps: dict, tol: dict) -> list[str]:
         fails.append(f"{flips} of {decisions} expert decisions flipped ({rate:.2%} > "
                      f"max_flip_rate {tol['max_flip_rate']:.2%})")
     for name, s in steps.items():
-        if s["out_of_tolerance_unflipped"]:
-            fails.append(f"{name}: {s['out_of_tolerance_unflipped']} logits outside atol="
-                         f"{tol['atol']:g}/rtol={tol['rtol']:g} (max |Δ| {s['max_abs']:.3g})")
+        if s["out_of_tolerance_checked"]:
+            fails.append(f"{name}: {s['out_of_tolerance_checked']} logits outside atol="
+                         f"{tol['atol']:g}/rtol={tol['rtol']:g} (max |Δ| "
+                         f"{s['max_abs_checked']:.3g} on tokens not affected by a flip)")
     return fails
 
 
@@ -278,8 +299,11 @@ def validate(onnx_path, reference, *, n: int = 4, seq_len: int = 32, data=None,
     layout = cache_layout(proto) if kv else None
     ref_runs = run_steps(TorchBackend(model, kv), ids, layout)
     test_runs = run_steps(backend, ids, layout)
-    steps = {name: compare_step(r, t, tol)
-             for (name, _, r), (_, _, t) in zip(ref_runs, test_runs)}
+    steps, first_flip, offset = {}, None, 0
+    causal = kv or wrappers.is_decoder(model)
+    for (name, feeds, r), (_, _, t) in zip(ref_runs, test_runs):
+        steps[name], first_flip = compare_step(r, t, tol, first_flip, offset, causal)
+        offset += feeds["input_ids"].shape[1]
     fails = judge(steps, tol)
     report = {
         "onnx": str(onnx_path), "reference": str(reference), "backend": backend.name,
@@ -307,9 +331,11 @@ def format_table(report: dict) -> str:
     rows = [("tokens", "tokens", "{:d}"), ("max |Δ| logits", "max_abs", "{:.3g}"),
             ("max |Δ| / max |ref|", "max_rel", "{:.3g}"),
             ("outside atol/rtol", "out_of_tolerance", "{:d}"),
-            ("  of them unflipped tokens", "out_of_tolerance_unflipped", "{:d}"),
+            ("  on tokens not after a flip", "out_of_tolerance_checked", "{:d}"),
+            ("max |Δ| there", "max_abs_checked", "{:.3g}"),
             ("min cosine", "min_cosine", "{:.6f}"), ("top-1 agreement", "top1_agreement", "{:.2%}"),
-            ("tokens with mask flips", "tokens_with_flips", "{:d}")]
+            ("tokens with mask flips", "tokens_with_flips", "{:d}"),
+            ("tokens after a flip", "tokens_exempt", "{:d}")]
     w = max(len(r[0]) for r in rows) + 2
     lines = [f"{report['backend']} vs pytorch — {report['onnx']} ({report['dtype']}, compared in "
              f"{report['compute_dtype']}; {report['inputs']['n']}×{report['inputs']['seq_len']} "

@@ -64,7 +64,7 @@ def test_validate_fails_on_perturbed_file(llama, capsys, tmp_path):
                         capsys)
     assert code == 1 and "FAILED" in out and "logits outside atol" in out
     r = json.loads((tmp_path / "perturbed.validation.json").read_text())
-    assert not r["passed"] and r["steps"]["prefill"]["out_of_tolerance_unflipped"] > 0
+    assert not r["passed"] and r["steps"]["prefill"]["out_of_tolerance_checked"] > 0
     # the same file passes when the tolerance is loose enough: the threshold is what fails it
     code, out, _ = _cli(["validate", str(bad), "-r", str(ckpt), "-n", "2", "--seq-len", "10",
                          "--atol", "100"], capsys)
@@ -146,22 +146,31 @@ def test_export_cli_dtype_overflow_leaves_nothing(capsys, tmp_path):
 
 
 def test_masks_flip_counting():
-    """compare_step counts flipped decisions per layer and exempts only the flipped tokens."""
+    """compare_step counts flips per layer; tokens from the first flip on are exempt (causal)."""
     from exporters.validate import compare_step, judge
 
     tol = {"atol": 1e-3, "rtol": 0.0, "max_flip_rate": 0.1}
-    logits = np.zeros((1, 4, 5), np.float32)
-    m0 = np.zeros((1, 4, 3), bool)
+    logits = np.zeros((2, 4, 5), np.float32)
+    m0 = np.zeros((2, 4, 3), bool)
     ref = {"logits": logits, "lte_mask.0": m0, "lte_mask.1": m0}
     test_logits = logits.copy()
-    test_logits[0, 2] += 1.0                      # token 2 differs ...
+    test_logits[0, 2:] += 1.0                     # tokens 2, 3 of sequence 0 differ ...
     m1 = m0.copy()
-    m1[0, 2, 1] = True                            # ... because a decision flipped there
-    s = compare_step(ref, {"logits": test_logits, "lte_mask.0": m0, "lte_mask.1": m1}, tol)
+    m1[0, 2, 1] = True                            # ... because a decision flipped at token 2
+    test = {"logits": test_logits, "lte_mask.0": m0, "lte_mask.1": m1}
+    s, first = compare_step(ref, test, tol)
     assert s["mask_flips_per_layer"] == [0, 1] and s["tokens_with_flips"] == 1
-    assert s["out_of_tolerance"] == 5 and s["out_of_tolerance_unflipped"] == 0
+    assert s["tokens_exempt"] == 2 and list(first) == [2, np.inf]
+    assert s["out_of_tolerance"] == 10 and s["out_of_tolerance_checked"] == 0
     assert judge({"full": s}, tol) == []
-    assert judge({"full": s}, dict(tol, max_flip_rate=0.01))      # 1/24 flips > 1%
-    test_logits[0, 0, 0] += 1.0                   # an unflipped token out of tolerance
-    s = compare_step(ref, {"logits": test_logits, "lte_mask.0": m0, "lte_mask.1": m1}, tol)
-    assert s["out_of_tolerance_unflipped"] == 1 and judge({"full": s}, tol)
+    assert judge({"full": s}, dict(tol, max_flip_rate=0.01))      # 1/48 flips > 1%
+    # a later step of the same sequence stays exempt; the other sequence does not
+    step2 = {"logits": np.ones((2, 1, 5), np.float32)}
+    s2, _ = compare_step({"logits": np.zeros((2, 1, 5), np.float32)}, step2, tol, first, offset=4)
+    assert s2["tokens_exempt"] == 1 and s2["out_of_tolerance_checked"] == 5
+    # encoders: a flip anywhere exempts the whole sequence
+    test_logits[0, 0] += 1.0
+    s, _ = compare_step(ref, test, tol, causal=False)
+    assert s["tokens_exempt"] == 4 and s["out_of_tolerance_checked"] == 0
+    s, _ = compare_step(ref, test, tol, causal=True)              # token 0 precedes the flip
+    assert s["out_of_tolerance_checked"] == 5 and judge({"full": s}, tol)
