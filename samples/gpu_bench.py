@@ -13,8 +13,9 @@
    (4096/11008) and SmolLM2-135M (576/1536) in bf16, T = 1, 4, 16, 64, 256, 2048 tokens,
    sparsity 0, 0.25, 0.5, 0.75, 0.9 (per-token random masks with exactly (1-sparsity)·E
    experts each). For T > 1 the two kernels alone (the TensorRT path) are timed too.
-4. --tune: kernel config variants for the decode shapes (each checked for correctness
-   first), timed per kernel; the best are reported (and then copied into launch_config).
+4. Kernel config variants (each checked for correctness first), timed per kernel, and the
+   best up + down pair end to end: a few for LLaMA2-7B at one token by default, all of the
+   decode shapes with --tune (the best go into launch_config).
 
 Writes gpu_bench.json and gpu_bench.md to --out (default $OUT or .), prints the tables last.
 Without --tune it finishes in well under 4 minutes on an H100/H200.
@@ -90,6 +91,10 @@ SMALL_UP_VARIANTS_T1 = [(1, 8, 64, 2), (1, 8, 128, 4), (1, 4, 128, 2), (1, 16, 6
                         (1, 8, 512, 4), (16, 16, 64, 2, 6), (16, 32, 64, 4, 4)]
 SMALL_DOWN_VARIANTS_T1 = [(1, 256, 16, 8), (1, 128, 16, 4), (1, 512, 16, 8), (1, 256, 32, 8),
                           (1, 64, 16, 2), (16, 64, 16, 2, 4), (16, 128, 16, 4, 3)]
+# Without --tune: the leaders of run 1 (results/gpu.md), LLaMA2-7B, one token, sparsity 0.5.
+QUICK_UP_T1 = [(1, 16, 256, 8), (1, 8, 512, 8), (1, 4, 1024, 4)]
+QUICK_DOWN_T1 = [(1, 512, 16, 8), (1, 256, 32, 8), (1, 256, 16, 4), (1, 512, 32, 16),
+                 (1, 256, 32, 16), (1, 512, 16, 16)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,7 +347,7 @@ def timings(rows):
                 row = dict(shape=shape, T=T, sparsity=sp, union=round(union, 3),
                            dense_eager_us=dense_eager, dense_graph_us=dense_graph,
                            sparse_eager_us=time_eager(fns), sparse_graph_us=time_graph(fns))
-                if T <= 16 and OPS_ERROR is None:   # the path users take: torch.ops.lte.sparse_ffn (checks included)
+                if T <= 16 and OPS_ERROR is None:   # what users call: torch.ops.lte.sparse_ffn
                     ops = [lambda m=m, w=w: torch.ops.lte.sparse_ffn(
                         x, m, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None, s, "silu")
                         for m, w in zip(masks, ws)]
@@ -373,7 +378,7 @@ def timings(rows):
         torch.cuda.empty_cache()
 
 
-def tune(out):
+def tune(out, quick=False):
     """Per-kernel config variants at the decode shapes; correctness first, then graph time."""
     plans = [("llama2-7b", 1, 0.5, UP_VARIANTS_T1 + UP_VARIANTS_DOT,
               DOWN_VARIANTS_T1 + DOWN_VARIANTS_DOT),
@@ -381,6 +386,8 @@ def tune(out):
              ("llama2-7b", 4, 0.5, UP_VARIANTS_DOT, DOWN_VARIANTS_DOT),
              ("llama2-7b", 16, 0.5, UP_VARIANTS_DOT, DOWN_VARIANTS_DOT),
              ("smollm2-135m", 1, 0.5, SMALL_UP_VARIANTS_T1, SMALL_DOWN_VARIANTS_T1)]
+    if quick:
+        plans = [("llama2-7b", 1, 0.5, QUICK_UP_T1, QUICK_DOWN_T1)]
     for shape, T, sp, ups, downs in plans:
         if out_of_time(out, f"tuning {shape} T={T}", TUNE_DEADLINE):
             return
@@ -543,10 +550,9 @@ def main():
     DEADLINE = t0 + args.budget_s
     TUNE_DEADLINE = t0 + 0.6 * args.budget_s
     REPORT["_out"] = args.out
-    sections = [("environment", None), ("correctness", correctness)]
-    if args.tune:
-        sections += [("tune", tune), ("best_combined", best_combined)]
-    sections.append(("timings", timings))
+    sections = [("environment", None), ("correctness", correctness),
+                ("tune", lambda rows: tune(rows, quick=not args.tune)),
+                ("best_combined", best_combined), ("timings", timings)]
     for name, fn in sections:
         t = time.time()
         try:
