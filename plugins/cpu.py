@@ -120,9 +120,12 @@ def _sparse_plan(mask2, union, w_up, gated, s):
     call = CALL_US.get(w_up.dtype, CALL_US_DEFAULT)
     row_us = w_up.shape[1] * w_up.element_size() / (STREAM_GBPS * 1e3)   # one row, one matrix
     A, F_, up = sum(runs), w_up.shape[0], 2 if gated else 1
-    sparse = up * (len(runs) * call + A * row_us)
-    sparse += call + A * row_us / 2 if n == 1 else len(runs) * call + A * row_us  # embedding_bag
-    dense = (up + 1) * (call + F_ * row_us)                                # streams ≈2x faster
+    sparse = up * (len(runs) * call + A * row_us)                 # up: a GEMM per block
+    if n == 1:
+        sparse += call + A * row_us / 2                           # embedding_bag: ≈2x stream
+    else:
+        sparse += len(runs) * call + A * row_us                   # down: a GEMM per block
+    dense = (up + 1) * (call + F_ * row_us)
     return plan if sparse < dense else None
 
 
