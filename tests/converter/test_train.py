@@ -65,7 +65,7 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path):
     b = train_lte(glassllm_model_dir(), train, tmp_path / "b", 0.5, heldout=heldout,
                   config=_cfg(stage1_steps=4, stage2_steps=2, batch_size=2, grad_accum=2))
     ra, rb = _routers(a), _routers(b)
-    assert max((ra[k] - rb[k]).abs().max().item() for k in ra) < 1e-4
+    assert max((ra[k] - rb[k]).abs().max().item() for k in ra) < 1e-5     # measured 1.9e-6
 
 
 def _run_cli(args, **kw):
