@@ -9,8 +9,9 @@ Semantics are those of plugins/spec.py (x [T, d], mask [T, E] bool, expert size 
 Every product accumulates in fp32. Expert e owns rows e·s … e·s+s−1 of W_gate, W_up and
 W_down_t ([F, d], row-major), so a skipped expert is a skipped contiguous block.
 
-Two kernels, one launch each, no workspace, no atomics, no host-side preprocessing; every
-program owns a disjoint block of the output and writes all of it (zeros where masked).
+Two op kernels (what TensorRT runs too), one launch each, no workspace, no atomics, no
+host-side preprocessing; every program owns a disjoint block of the output and writes all
+of it (zeros where masked).
 
 up kernel — `sparse_ffn_up_kernel`, grid (cdiv(F, BLOCK_F), cdiv(T, BLOCK_T)):
     (x_ptr, mask_ptr, w_gate_ptr, w_up_ptr, b_gate_ptr, b_up_ptr,      # inputs
@@ -36,9 +37,12 @@ down kernel — `sparse_ffn_down_kernel`, grid (cdiv(D, BLOCK_D), cdiv(T, BLOCK_
   and walks all F rows of W_down_t in chunks of BLOCK_F rows, reading only rows whose expert
   is active for some token of its block (contiguous BLOCK_D-column row segments). Each
   program owns a disjoint slice of y, so no atomics and no zero-initialised buffer.
+    BLOCK_T == 1: fp32 products in a [BLOCK_F, BLOCK_D] register accumulator, two chunks of
+                  weights prefetched in registers, summed over rows once at the end;
+    BLOCK_T >= 16: tl.dot on [BLOCK_T, BLOCK_F] × [BLOCK_F, BLOCK_D] tiles.
 
-Pointer dtypes: x/w/b/h/y share one dtype (fp16, bf16 or fp32); the mask is passed as bytes
-(`*u8`, a bool tensor viewed as uint8: 0 = skip, nonzero = compute). ACTIVATION is an int code
+Pointer dtypes: x/w/b/h/y share one dtype (fp16, bf16 or fp32); the mask is any integer type
+(PyTorch passes its bool tensor as `*u8`, TensorRT an INT32 tensor): 0 = skip, else compute. ACTIVATION is an int code
 (`ACTIVATION_CODES`). Offsets along tokens are 64-bit; inside a weight matrix 32-bit
 (F·d < 2³¹). For d % 16 == 0 (every real model) an AOT compiler may declare
 `tt.divisibility=16` on the pointers and on D and F; the JIT launcher gets that by
