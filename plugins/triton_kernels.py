@@ -43,8 +43,8 @@ down kernel — `sparse_ffn_down_kernel`, grid (cdiv(D, BLOCK_D), cdiv(T, BLOCK_
 
 Pointer dtypes: x/w/b/h/y share one dtype (fp16, bf16 or fp32); the mask is any integer type
 (PyTorch passes its bool tensor as `*u8`, TensorRT an INT32 tensor): 0 = skip, else compute.
-ACTIVATION is an int code (`ACTIVATION_CODES`). Offsets along tokens are 64-bit; inside a weight matrix 32-bit
-(F·d < 2³¹). For d % 16 == 0 (every real model) an AOT compiler may declare
+ACTIVATION is an int code (`ACTIVATION_CODES`). Offsets along tokens are 64-bit; inside a
+weight matrix 32-bit (F·d < 2³¹). For d % 16 == 0 (every real model) an AOT compiler may declare
 `tt.divisibility=16` on the pointers and on D and F; the JIT launcher gets that by
 specialisation.
 
