@@ -32,14 +32,21 @@ down kernel — `sparse_ffn_down_kernel`, grid (cdiv(D, BLOCK_D), cdiv(T, BLOCK_
     (h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,                        # inputs
      T, D, F,                                                           # int32 scalars
      y_ptr,                                                             # output
-     EXPERT_SIZE, HAS_BIAS, BLOCK_T, BLOCK_D, BLOCK_F)                  # constexprs
+     EXPERT_SIZE, HAS_BIAS, BLOCK_T, BLOCK_D, BLOCK_F, COMPACT)         # constexprs
   A program owns columns [pid0·BLOCK_D, +BLOCK_D) of y for tokens [pid1·BLOCK_T, +BLOCK_T)
-  and walks all F rows of W_down_t in chunks of BLOCK_F rows, reading only rows whose expert
-  is active for some token of its block (contiguous BLOCK_D-column row segments). Each
-  program owns a disjoint slice of y, so no atomics and no zero-initialised buffer.
-    BLOCK_T == 1: fp32 products in a [BLOCK_F, BLOCK_D] register accumulator, two chunks of
-                  weights prefetched in registers, summed over rows once at the end;
-    BLOCK_T >= 16: tl.dot on [BLOCK_T, BLOCK_F] × [BLOCK_F, BLOCK_D] tiles.
+  and reads only rows of W_down_t whose expert is active for some token of its block
+  (contiguous BLOCK_D-column row segments). Each program owns a disjoint slice of y, so no
+  atomics and no zero-initialised buffer.
+    BLOCK_T == 1, COMPACT > 0: walks the token's ACTIVE experts only. It reads the mask
+                  COMPACT experts at a time (a power of two), sorts the keys (e if active
+                  else E) so the active experts come first, and loops cdiv(active, EPC)
+                  times over chunks of EPC = BLOCK_F / EXPERT_SIZE active experts: BLOCK_F
+                  rows, all useful, one chunk prefetched. The trip count falls with sparsity.
+    BLOCK_T == 1, COMPACT == 0: walks all F rows in chunks of BLOCK_F (inactive rows
+                  predicated off), two chunks of weights prefetched in registers;
+                  both: fp32 products in a [BLOCK_F, BLOCK_D] register accumulator, summed
+                  over rows at the end;
+    BLOCK_T >= 16: tl.dot on [BLOCK_T, BLOCK_F] × [BLOCK_F, BLOCK_D] tiles (COMPACT unused).
 
 Pointer dtypes: x/w/b/h/y share one dtype (fp16, bf16 or fp32); the mask is any integer type
 (PyTorch passes its bool tensor as `*u8`, TensorRT an INT32 tensor): 0 = skip, else compute.
@@ -176,11 +183,28 @@ def sparse_ffn_up_kernel(x_ptr, mask_ptr, w_gate_ptr, w_up_ptr, b_gate_ptr, b_up
 
 
 @triton.jit
+def _active_chunk(h_row, w_ptr, active, n_act, c, cols, col_ok, D,
+                  EXPERT_SIZE: tl.constexpr, EPC: tl.constexpr, BLOCK_F: tl.constexpr):
+    """h [BLOCK_F] and W_down_t rows [BLOCK_F, BLOCK_D] of the active experts c·EPC …
+    c·EPC+EPC−1 (active: [chunks, EPC] expert ids, active ones first)."""
+    pick = (tl.arange(0, active.shape[0]) == c)[:, None]
+    ex = tl.sum(tl.where(pick, active, 0), axis=0)                          # [EPC] expert ids
+    rows = tl.reshape(ex[:, None] * EXPERT_SIZE + tl.arange(0, EXPERT_SIZE)[None, :],
+                      (BLOCK_F,))                                           # [BLOCK_F]
+    on = c * EPC + tl.arange(0, BLOCK_F) // EXPERT_SIZE < n_act             # [BLOCK_F]
+    hv = tl.load(h_row + rows, mask=on, other=0.0)
+    w = tl.load(w_ptr + rows[:, None] * D + cols[None, :], mask=on[:, None] & col_ok[None, :],
+                other=0.0)
+    return hv, w
+
+
+@triton.jit
 def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
                            T, D, F,
                            y_ptr,
                            EXPERT_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+                           COMPACT: tl.constexpr):
     """y[t, c] for a [BLOCK_T, BLOCK_D] block of (tokens, columns); see the module docstring."""
     pid_d = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -191,7 +215,36 @@ def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
     tok_ok = toks < T
     toks64 = toks.to(tl.int64)
 
-    if BLOCK_T == 1:
+    if BLOCK_T == 1 and COMPACT > 0:
+        # Active experts only. The token's mask is read COMPACT experts at a time and sorted
+        # (keys: expert id if active, else n_experts), so the piece's active experts come
+        # first; chunk c is active experts c·EPC … c·EPC+EPC−1 (EPC = BLOCK_F / EXPERT_SIZE),
+        # BLOCK_F rows that are all useful. The trip count is cdiv(active, EPC): it falls
+        # with sparsity. One chunk is prefetched, and the register accumulator lives only
+        # after the sort: both keep the default 8-warp config at <= 128 registers per thread
+        # (two programs per SM; two chunks or an accumulator live across the sort took
+        # 157-204 registers, ptxas sm_90a, Triton 3.6 and 3.9).
+        EPC: tl.constexpr = BLOCK_F // EXPERT_SIZE
+        tl.static_assert(EPC * EXPERT_SIZE == BLOCK_F, "COMPACT needs BLOCK_F % EXPERT_SIZE == 0")
+        y = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        mask_row = mask_ptr + toks64 * n_experts
+        h_row = h_ptr + toks64 * F
+        for e0 in range(0, n_experts, COMPACT):
+            e = e0 + tl.arange(0, COMPACT)                                  # [COMPACT]
+            m = tl.load(mask_row + e, mask=(e < n_experts) & tok_ok, other=0) != 0
+            n_act = tl.sum(m.to(tl.int32), axis=0)
+            active = tl.reshape(tl.sort(tl.where(m, e, n_experts)), (COMPACT // EPC, EPC))
+            acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)            # after the sort
+            hv, w = _active_chunk(h_row, w_down_t_ptr, active, n_act, 0, cols, col_ok, D,
+                                  EXPERT_SIZE, EPC, BLOCK_F)
+            for c in range(1, tl.cdiv(n_act, EPC) + 1):
+                hv1, w1 = _active_chunk(h_row, w_down_t_ptr, active, n_act, c, cols, col_ok, D,
+                                        EXPERT_SIZE, EPC, BLOCK_F)
+                acc += hv.to(tl.float32)[:, None] * w.to(tl.float32)        # chunk c − 1
+                hv, w = hv1, w1
+            y += tl.sum(acc, axis=0)
+        y = y[None, :]                                                      # [1, BLOCK_D]
+    elif BLOCK_T == 1:
         # Software-pipelined two chunks deep: while chunk i is multiplied, the rows of
         # chunks i+1 and i+2 (active experts only) are in flight and the mask of chunk i+3
         # is loaded, so a weight load never waits for its mask. The loop is bound by bytes
@@ -270,6 +323,11 @@ class LaunchConfig:
 
     up:   grid = (cdiv(F, block_f), cdiv(T, block_t))
     down: grid = (cdiv(d, block_d), cdiv(T, block_t))
+
+    compact (down, block_t == 1 only; the down kernel's COMPACT constexpr): 0 walks all F rows
+    (predicated per row); > 0 walks the active experts only, reading the mask `compact`
+    experts (a power of two) at a time; needs block_f % expert_size == 0 and a power-of-two
+    expert_size.
     """
 
     op: str                # "up" or "down"
@@ -278,6 +336,7 @@ class LaunchConfig:
     block_d: int
     num_warps: int
     num_stages: int = 1
+    compact: int = 0
 
     def grid(self, T: int, d: int, F: int) -> tuple[int, int]:
         if self.op == "up":
@@ -285,12 +344,13 @@ class LaunchConfig:
         return (triton.cdiv(d, self.block_d), triton.cdiv(T, self.block_t))
 
     def constexprs(self) -> dict:
-        return {"BLOCK_T": self.block_t, "BLOCK_F": self.block_f, "BLOCK_D": self.block_d}
+        c = {"BLOCK_T": self.block_t, "BLOCK_F": self.block_f, "BLOCK_D": self.block_d}
+        return c if self.op == "up" else dict(c, COMPACT=self.compact)
 
 
 # Per token-count bucket: (max T, up config, down config). Tuned on an H200 (results/gpu.md).
 _CONFIGS = (
-    (1, LaunchConfig("up", 1, 16, 256, 8), LaunchConfig("down", 1, 512, 16, 8)),
+    (1, LaunchConfig("up", 1, 16, 256, 8), LaunchConfig("down", 1, 512, 32, 8)),
     (16, LaunchConfig("up", 16, 32, 128, 4, 3), LaunchConfig("down", 16, 128, 32, 4, 4)),
     (64, LaunchConfig("up", 64, 64, 32, 4, 3), LaunchConfig("down", 64, 64, 64, 4, 2)),
     (None, LaunchConfig("up", 64, 128, 32, 8, 2), LaunchConfig("down", 64, 32, 128, 8, 3)),
@@ -298,8 +358,20 @@ _CONFIGS = (
 
 
 SMALL_D = 2048
+MAX_MASK_PIECE = 512     # experts of the mask one compact down program holds at a time
+
+
+def compact_piece(F: int, expert_size: int, block_f: int) -> int:
+    """The `compact` value for a one-token down config: 0 when the compact path cannot run
+    (expert size not a power of two or not dividing block_f), else the mask piece size."""
+    if expert_size & (expert_size - 1) or block_f % expert_size:
+        return 0
+    piece = min(MAX_MASK_PIECE, triton.next_power_of_2(max(F // expert_size, 1)))
+    return max(piece, block_f // expert_size)
 _SMALL_D_ONE_TOKEN = {"up": LaunchConfig("up", 1, 8, 512, 4),
                       "down": LaunchConfig("down", 1, 512, 16, 8)}
+# One token, down, when the compact path cannot run (expert size): run 1's best walk-all-rows.
+_WALK_ALL_ONE_TOKEN_DOWN = LaunchConfig("down", 1, 512, 16, 8)
 
 
 @lru_cache(maxsize=None)
@@ -309,7 +381,9 @@ def launch_config(op: str, T: int, d: int, F: int, expert_size: int,
 
     Any config is correct for any T (the grid covers all tokens); T only picks the fastest.
     Small models (d < SMALL_D) have their own one-token configs (measured on SmolLM2-135M).
-    fp32 halves the K block of the tl.dot configs so shared memory stays the same.
+    One-token down configs walk the active experts only (`compact`, see LaunchConfig) when
+    the expert size allows. fp32 halves the K block of the tl.dot configs so shared memory
+    stays the same, and uses 16 columns per compact down program.
     """
     assert op in ("up", "down"), op
     for max_t, up, down in _CONFIGS:
@@ -318,9 +392,15 @@ def launch_config(op: str, T: int, d: int, F: int, expert_size: int,
             break
     if cfg.block_t == 1 and d < SMALL_D:
         cfg = _SMALL_D_ONE_TOKEN[op]
+    if op == "down" and cfg.block_t == 1:
+        cfg = replace(cfg, compact=compact_piece(F, expert_size, cfg.block_f))
+        if cfg.compact == 0:
+            cfg = _WALK_ALL_ONE_TOKEN_DOWN
     if dtype == torch.float32 and cfg.block_t > 1:
         cfg = replace(cfg, block_d=max(16, cfg.block_d // 2) if op == "up" else cfg.block_d,
                       block_f=max(16, cfg.block_f // 2) if op == "down" else cfg.block_f)
+    if dtype == torch.float32 and cfg.compact:
+        cfg = replace(cfg, block_d=min(16, cfg.block_d))     # fp32 tiles: twice the registers
     return cfg
 
 
@@ -436,6 +516,14 @@ def sparse_ffn_down(h2d, mask2d, w_down_t, b_down, *, expert_size,
     if T == 0:
         return y
     cfg = config or launch_config("down", T, d, F, expert_size, h2d.dtype)
+    c = cfg.compact
+    if cfg.block_t == 1 and c and (c & (c - 1) or c * expert_size < cfg.block_f
+                                   or compact_piece(F, expert_size, cfg.block_f) == 0):
+        raise ValueError(f"lte.SparseFFN (triton): config {cfg} asks for the compact down path, "
+                         f"which needs compact a power of two >= block_f / expert_size (got "
+                         f"{c}) and a power-of-two expert_size dividing block_f (got "
+                         f"{expert_size}, {cfg.block_f}); use compact=0 or "
+                         f"compact_piece(F, expert_size, block_f).")
     sparse_ffn_down_kernel[cfg.grid(T, d, F)](
         h2d, mask_u8, w_down_t, b_down if b_down is not None else w_down_t,
         T, d, F, y,

@@ -13,9 +13,13 @@
    (4096/11008) and SmolLM2-135M (576/1536) in bf16, T = 1, 4, 16, 64, 256, 2048 tokens,
    sparsity 0, 0.25, 0.5, 0.75, 0.9 (per-token random masks with exactly (1-sparsity)·E
    experts each). For T > 1 the two kernels alone (the TensorRT path) are timed too.
-4. Kernel config variants (each checked for correctness first), timed per kernel, and the
-   best up + down pair end to end: a few for LLaMA2-7B at one token by default, all of the
-   decode shapes with --tune (the best go into launch_config).
+4. One token, the down kernel's two paths side by side (`compact`): the previous
+   walk-all-rows path (OLD_DOWN_T1) against the default, which walks the active experts
+   only; both shapes, every sparsity, eager and CUDA graph, the pair and the down kernel
+   alone, each output NaN-poisoned and checked against the reference first.
+5. Kernel config variants (each checked for correctness first), timed per kernel, and the
+   best up + down pair end to end: a few for one token by default, all of the decode
+   shapes with --tune (the best go into launch_config).
 
 Writes gpu_bench.json and gpu_bench.md to --out (default $OUT or .), prints the tables last.
 Without --tune it finishes in well under 4 minutes on an H100/H200.
@@ -92,10 +96,24 @@ SMALL_UP_VARIANTS_T1 = [(1, 8, 64, 2), (1, 8, 128, 4), (1, 4, 128, 2), (1, 16, 6
 SMALL_DOWN_VARIANTS_T1 = [(1, 256, 16, 8), (1, 128, 16, 4), (1, 512, 16, 8), (1, 256, 32, 8),
                           (1, 64, 16, 2), (16, 64, 16, 2, 4), (16, 128, 16, 4, 3)]
 # Without --tune: the leaders of run 1 (results/gpu.md) and, for the down kernel, configs
-# with more bytes in flight per SM; LLaMA2-7B, one token, sparsity 0.5.
+# with more bytes in flight per SM; one token, sparsity 0.5. A 6th entry "c" = the compact
+# (active experts only) down path with launch_config's mask piece (compact_piece).
 QUICK_UP_T1 = [(1, 16, 256, 8), (1, 8, 512, 8), (1, 4, 1024, 4)]
-QUICK_DOWN_T1 = [(1, 512, 16, 8), (1, 256, 32, 8), (1, 512, 16, 16), (1, 1024, 16, 16),
-                 (1, 512, 8, 8), (1, 256, 32, 16), (1, 512, 32, 16)]
+QUICK_DOWN_T1 = [(1, 512, 16, 8), (1, 256, 32, 8), (1, 512, 16, 16), (1, 512, 8, 8),
+                 (1, 512, 32, 16), (1, 512, 32, 8, 1, "c"), (1, 512, 16, 8, 1, "c"),
+                 (1, 512, 8, 4, 1, "c"), (1, 512, 16, 4, 1, "c"), (1, 256, 32, 8, 1, "c"),
+                 (1, 1024, 16, 8, 1, "c"), (1, 256, 16, 4, 1, "c")]
+SMALL_QUICK_DOWN_T1 = [(1, 512, 16, 8), (1, 512, 16, 8, 1, "c"), (1, 256, 16, 4, 1, "c"),
+                       (1, 512, 8, 4, 1, "c"), (1, 512, 32, 8, 1, "c")]
+# The previous one-token down default (walks every row, run 1's best), timed against the new.
+OLD_DOWN_T1 = LaunchConfig("down", 1, 512, 16, 8)
+
+
+def make_config(op, v, Fdim, s):
+    """LaunchConfig from a variant tuple; a compact entry "c" becomes compact_piece(...)."""
+    if len(v) == 6 and v[5] == "c":
+        v = v[:5] + (tk.compact_piece(Fdim, s, v[1]),)
+    return LaunchConfig(op, *v)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,6 +397,61 @@ def timings(rows):
         torch.cuda.empty_cache()
 
 
+def down_check(h, mask, w, s, cfg):
+    """Relative error of the down kernel with `cfg` (output NaN-poisoned first)."""
+    y = torch.full((1, w["w_down_t"].shape[1]), float("nan"), dtype=h.dtype, device=DEV)
+    tk.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=cfg, out=y)
+    return rel_err(y, sparse_ffn_down_reference(h, mask, w["w_down_t"], None, s))
+
+
+def compact(rows):
+    """One token: previous walk-all-rows down path (OLD_DOWN_T1) vs the default (compact)."""
+    for shape, (d, Fdim, s, layers) in SHAPES.items():
+        if out_of_time(rows, f"compact {shape}"):
+            return
+        E = Fdim // s
+        ws = [weights(d, Fdim, seed=i) for i in range(layers)]
+        w_down = [w["w_down_t"].t().contiguous() for w in ws]
+        x = torch.randn(1, d, device=DEV).to(DTYPE)
+        new = tk.launch_config("down", 1, d, Fdim, s, DTYPE)
+        up = tk.launch_config("up", 1, d, Fdim, s, DTYPE)
+        old = OLD_DOWN_T1
+        dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd)
+                 for w, wd in zip(ws, w_down)]
+        dense_graph, dense_eager = time_graph(dense), time_eager(dense)
+        for sp in SPARSITIES:
+            if out_of_time(rows, f"compact {shape} sparsity {sp}"):
+                return
+            masks = [random_mask(1, E, sp, seed=31 * i + 5) for i in range(layers)]
+            hs = [torch.randn(1, Fdim, device=DEV).to(DTYPE) for _ in range(layers)]
+            row = dict(shape=shape, T=1, sparsity=sp, up=list(up.__dict__.values()),
+                       new=list(new.__dict__.values()), old=list(old.__dict__.values()),
+                       dense_graph_us=dense_graph, dense_eager_us=dense_eager)
+            row["new_rel"] = max(down_check(h, m, w, s, new) for h, m, w in zip(hs, masks, ws))
+            row["old_rel"] = max(down_check(h, m, w, s, old) for h, m, w in zip(hs, masks, ws))
+            row["ok"] = row["new_rel"] <= TOL[DTYPE] and row["old_rel"] <= TOL[DTYPE]
+            for name, cfg in (("old", old), ("new", new)):
+                pair = [sparse_fn(x, m, w, s, up, cfg) for m, w in zip(masks, ws)]
+                row[f"{name}_graph_us"] = time_graph(pair)
+                row[f"{name}_eager_us"] = time_eager(pair)
+                row[f"{name}_speedup_graph"] = dense_graph / row[f"{name}_graph_us"]
+                row[f"{name}_speedup_eager"] = dense_eager / row[f"{name}_eager_us"]
+                row[f"{name}_down_graph_us"] = time_graph(
+                    [lambda h=h, m=m, w=w, cfg=cfg: tk.sparse_ffn_down(
+                        h, m, w["w_down_t"], None, expert_size=s, config=cfg)
+                     for h, m, w in zip(hs, masks, ws)])
+            rows.append(row)
+            save()
+            print(f"compact {shape:13s} sp={sp:.2f} ok={row['ok']} dense {dense_graph:.1f} "
+                  f"pair old/new graph {row['old_graph_us']:.1f}/{row['new_graph_us']:.1f} "
+                  f"(x{row['old_speedup_graph']:.2f}/x{row['new_speedup_graph']:.2f}) "
+                  f"eager {row['old_eager_us']:.1f}/{row['new_eager_us']:.1f} "
+                  f"down old/new {row['old_down_graph_us']:.1f}/"
+                  f"{row['new_down_graph_us']:.1f} us", flush=True)
+        del ws, w_down
+        torch.cuda.empty_cache()
+
+
 def tune(out, quick=False):
     """Per-kernel config variants at the decode shapes; correctness first, then graph time."""
     plans = [("llama2-7b", 1, 0.5, UP_VARIANTS_T1 + UP_VARIANTS_DOT,
@@ -388,7 +461,8 @@ def tune(out, quick=False):
              ("llama2-7b", 16, 0.5, UP_VARIANTS_DOT, DOWN_VARIANTS_DOT),
              ("smollm2-135m", 1, 0.5, SMALL_UP_VARIANTS_T1, SMALL_DOWN_VARIANTS_T1)]
     if quick:
-        plans = [("llama2-7b", 1, 0.5, QUICK_UP_T1, QUICK_DOWN_T1)]
+        plans = [("llama2-7b", 1, 0.5, QUICK_UP_T1, QUICK_DOWN_T1),
+                 ("smollm2-135m", 1, 0.5, [], SMALL_QUICK_DOWN_T1)]
     for shape, T, sp, ups, downs in plans:
         if out_of_time(out, f"tuning {shape} T={T}", TUNE_DEADLINE):
             return
@@ -405,7 +479,7 @@ def tune(out, quick=False):
         default_up = tk.launch_config("up", T, d, Fdim, s)
         default_down = tk.launch_config("down", T, d, Fdim, s)
         for op, variants, default in (("up", ups, default_up), ("down", downs, default_down)):
-            cfgs = [default] + [LaunchConfig(op, *v) for v in variants]
+            cfgs = [default] + [make_config(op, v, Fdim, s) for v in variants]
             for cfg in dict.fromkeys(cfgs):
                 if out_of_time(out, f"tuning {shape} T={T} {op} {cfg}", TUNE_DEADLINE):
                     break
@@ -498,11 +572,28 @@ def markdown(report):
                      + (f"{r['kernels_graph_us']:.1f} |" if "kernels_graph_us" in r else "– |")
                      + (f" {r['op_eager_us']:.1f} / {r['op_graph_us']:.1f} |" if "op_eager_us" in r
                         else " – |"))
-    for r in report.get("timings", []) + report.get("tune", []):
+    for r in report.get("timings", []) + report.get("tune", []) + report.get("compact", []):
         if "note" in r:
             lines.append(f"\n{r['shape']}: {r['note']}: {r['dense_graph_us']:.1f} µs")
         if "truncated" in r:
             lines.append(f"\n{r['truncated']}")
+    if report.get("compact"):
+        lines += ["", "One token, down path: old = walk all rows "
+                  f"{report['compact'][0].get('old')}, new = active experts only "
+                  f"(launch_config) {report['compact'][0].get('new')}; pair = up + down.", "",
+                  "| shape | sparsity | ok (rel old / new) | dense graph µs | pair old / new "
+                  "graph µs | speed-up old / new | down old / new graph µs | dense eager µs "
+                  "| pair old / new eager µs |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["compact"]:
+            if "new_graph_us" not in r:
+                continue
+            lines.append(f"| {r['shape']} | {r['sparsity']} | {r['ok']} ({r['old_rel']:.1e} / "
+                         f"{r['new_rel']:.1e}) | {r['dense_graph_us']:.1f} | "
+                         f"{r['old_graph_us']:.1f} / {r['new_graph_us']:.1f} | "
+                         f"{r['old_speedup_graph']:.2f} / {r['new_speedup_graph']:.2f} | "
+                         f"{r['old_down_graph_us']:.1f} / {r['new_down_graph_us']:.1f} | "
+                         f"{r['dense_eager_us']:.1f} | {r['old_eager_us']:.1f} / "
+                         f"{r['new_eager_us']:.1f} |")
     if report.get("tune"):
         lines += ["", "| shape | T | sparsity | op | (op, block_t, block_f, block_d, warps,"
                   " stages) | ok | graph µs | TB/s |", "|---|---|---|---|---|---|---|---|"]
@@ -551,7 +642,7 @@ def main():
     DEADLINE = t0 + args.budget_s
     TUNE_DEADLINE = t0 + 0.6 * args.budget_s
     REPORT["_out"] = args.out
-    sections = [("environment", None), ("correctness", correctness),
+    sections = [("environment", None), ("correctness", correctness), ("compact", compact),
                 ("tune", lambda rows: tune(rows, quick=not args.tune)),
                 ("best_combined", best_combined), ("timings", timings)]
     for name, fn in sections:
@@ -570,7 +661,8 @@ def main():
         save()
     print(markdown(REPORT))
     print(f"total {time.time() - t0:.0f} s")
-    return 0 if all(r.get("ok") for r in REPORT.get("correctness", [])) else 1
+    checked = REPORT.get("correctness", []) + [r for r in REPORT.get("compact", []) if "ok" in r]
+    return 0 if all(r.get("ok") for r in checked) else 1
 
 
 if __name__ == "__main__":

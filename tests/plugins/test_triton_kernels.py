@@ -58,8 +58,11 @@ def _problem(T, d, F, s, gated, bias, dtype, masks, seed):
 
 # The kernel paths (GEMV for one token, tl.dot for blocks of tokens) with block sizes that do
 # not divide the problem: row blocks spanning or splitting experts, ragged token blocks.
-PATHS = {  # (block_t, block_f, block_d, num_warps) for up, then down
+# "compact" walks the active experts only, reading the mask 4 experts at a time (several
+# pieces per token); "gemv" walks every row.
+PATHS = {  # (block_t, block_f, block_d, num_warps[, num_stages, compact]) for up, then down
     "gemv": ((1, 8, 16, 2), (1, 32, 16, 2)),
+    "compact": ((1, 8, 16, 2), (1, 32, 16, 2, 1, 4)),
     "dot": ((16, 32, 16, 2), (16, 32, 16, 2)),
 }
 CASES = [  # T, d, F, s, gated, bias, activation, masks
@@ -211,7 +214,8 @@ def test_up_and_down_match_reference(interpreted, case_id):
     tol = TOL[case_id.rsplit("-", 1)[1]]
     assert r["h_rel"] <= tol, r
     assert r["y_rel"] <= tol, r
-    if case_id.endswith(("off-gemv-fp32", "off-dot-fp32")) and "-d40-F96-s16-" not in case_id:
+    if (case_id.endswith(("off-gemv-fp32", "off-compact-fp32", "off-dot-fp32"))
+            and "-d40-F96-s16-" not in case_id):
         assert r["y_zero"]
 
 
@@ -233,6 +237,18 @@ def test_aot_compile_fits_plugin_rules(aot, name):
         assert c["ptxas"] in (True, None), c
 
 
+def test_one_token_down_walks_active_experts_when_the_expert_size_allows():
+    from plugins import triton_kernels as tk
+
+    assert tk.launch_config("down", 1, 4096, 11008, 32).compact == 512    # 344 experts
+    assert tk.launch_config("down", 1, 576, 1536, 32).compact == 64       # 48 experts
+    assert tk.launch_config("down", 1, 4096, 28672, 32).compact == 512    # 896: two pieces
+    assert tk.launch_config("down", 1, 4096, 11008 * 3, 96).compact == 0  # 96 not a power of 2
+    assert tk.launch_config("down", 16, 4096, 11008, 32).compact == 0
+    assert "COMPACT" in tk.launch_config("down", 1, 4096, 11008, 32).constexprs()
+    assert "COMPACT" not in tk.launch_config("up", 1, 4096, 11008, 32).constexprs()
+
+
 def test_launchers_reject_bad_inputs_with_the_shapes():
     from plugins import triton_kernels
 
@@ -246,6 +262,12 @@ def test_launchers_reject_bad_inputs_with_the_shapes():
                                          r"of shape \(2, 32\), got torch.float16 \(2, 32\)"):
         triton_kernels.sparse_ffn_down(torch.zeros(2, 32, dtype=torch.float16), p["mask"],
                                        p["w_down_t"], None, expert_size=16)
+    with pytest.raises(ValueError, match=r"compact a power of two >= block_f / expert_size "
+                                         r"\(got 3\)"):
+        triton_kernels.sparse_ffn_down(torch.zeros(1, 32), p["mask"][:1], p["w_down_t"], None,
+                                       expert_size=16,
+                                       config=triton_kernels.LaunchConfig("down", 1, 32, 16, 2,
+                                                                          1, 3))
 
 
 if __name__ == "__main__":
