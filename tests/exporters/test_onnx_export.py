@@ -21,11 +21,8 @@ ENCODERS = ("bert", "roberta")
 DECODERS = tuple(f for f in FAMILIES if f not in ENCODERS)
 ACTIVATION = {"gpt2": "gelu_tanh", "bert": "gelu", "roberta": "gelu", "opt": "relu",
               "gpt_neox": "gelu", "gemma": "gelu_tanh"}      # others: silu
-# Without cache every decoder goes through the same wrapper: two of them by default, the rest slow.
-NOKV_DEFAULT = ("llama", "gpt2", "bert", "roberta")
 CASES = [pytest.param(f, True, id=f"{f}-kv") for f in DECODERS] + [
-    pytest.param(f, False, id=f"{f}-nokv",
-                 marks=() if f in NOKV_DEFAULT else pytest.mark.slow) for f in FAMILIES]
+    pytest.param(f, False, id=f"{f}-nokv") for f in FAMILIES]
 
 
 @pytest.fixture(scope="module")
