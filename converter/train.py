@@ -293,7 +293,10 @@ def _precision(cfg: TrainConfig) -> dict:
 
 def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig, target, work,
                eta: float, steps: int) -> tuple[float, float]:
-    """Train one stage for `steps` optimizer steps (resuming if it can); (η, seconds)."""
+    """Train one stage for `steps` optimizer steps (resuming if it can); (η, seconds).
+    steps = 0 skips the stage (TrainingArguments would read max_steps=0 as "use epochs")."""
+    if steps <= 0:
+        return eta, 0.0
     out_dir = work / f"stage{stage}"
     resume = last_checkpoint(out_dir)
     if resume is not None:

@@ -143,3 +143,11 @@ def test_default_cli_run_on_smollm2_hits_the_default_sparsity(tmp_path):
     info = json.loads((tmp_path / "d" / "lte.json").read_text())
     assert info["model_type"] == "llama" and len(info["layer_sparsity"]) == 30
     assert abs(info["sparsity"] - 0.5) <= 0.02
+
+
+def test_zero_steps_skips_a_stage(tmp_path):
+    train, heldout = _data()
+    out = train_lte(glassllm_model_dir(), train, tmp_path / "z", 0.5, heldout=heldout,
+                    config=_cfg(stage1_steps=0, stage2_steps=2))
+    info = json.loads((out / "lte.json").read_text())
+    assert info["training"]["stage1_seconds"] == 0.0 and abs(info["sparsity"] - 0.5) <= 0.002
