@@ -63,11 +63,12 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
 
     \b
     MODEL is a Hugging Face folder (config.json + safetensors). Without MODEL and --data the
-    embedded default is used: SmolLM2-135M on Shakespeare (about 6-9 minutes on 2 CPU cores).
+    embedded default is used: SmolLM2-135M on Shakespeare (about 5 minutes on 2 CPU cores).
     \b
-    Steps: group FFN neurons into experts, stage 1 (soft routing with the efficiency and
-    separability losses), calibrate the threshold on held-out text, stage 2 (hard masks),
-    fold the threshold into the router bias, save. Multi-process: run it under
+    Steps: group FFN neurons into experts, calibrate the routers' threshold on held-out
+    text, stage 1 (soft routing with the efficiency and separability losses; off by default,
+    see docs/converter-training.md), re-calibrate, stage 2 (hard masks), fold the threshold
+    into the router bias, save. Multi-process: run it under
     `torchrun --nproc_per_node N -m converter.cli train ...`.
     \b
     Examples:
