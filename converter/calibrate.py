@@ -96,7 +96,7 @@ def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 
     from transformers import AutoTokenizer
 
     from converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
-    from converter.data import pack, read_documents, spread
+    from converter.data import heldout_blocks
     from converter.surgery import lte_modules
     from converter.train import check_output_dir, check_sparsity
 
@@ -105,14 +105,8 @@ def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 
     check_output_dir(out, overwrite)
     model, info = load_lte_model(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    if data is None:
-        from samples.default import shakespeare_texts
-        data = shakespeare_texts()[1]
-    blocks = spread(pack(tokenizer, read_documents(data, text_field), block_size), calib_blocks)
-    if len(blocks) == 0:
-        from converter.errors import UserError
-        raise UserError(f"The calibration data has fewer than {block_size} tokens; give more "
-                        "text or a smaller --block-size.")
+    blocks = heldout_blocks(tokenizer, data, block_size, calib_blocks, text_field=text_field,
+                            purpose="calibration")
     task = info.get("task", "clm")
     cal = calibrate(model, blocks, sparsity, task=task, tokenizer=tokenizer)
     modules = lte_modules(model)

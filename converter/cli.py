@@ -42,21 +42,12 @@ class _Group(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name].split(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            return click.Command(name, help=f"(not available in this install: {e})",
-                                 callback=lambda: _unavailable(name, e))
+        return getattr(importlib.import_module(module), attr)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in COMMANDS and args[0] not in _HELP_FLAGS:
             args = ["run", *args]
         return super().parse_args(ctx, args)
-
-
-def _unavailable(name, err):
-    raise UserError(f"`lte-convert {name}` is not available in this install ({err}). "
-                    "Reinstall the project with `pip install -e .` and try again.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -193,3 +193,16 @@ def spread(blocks: torch.Tensor, k: int) -> torch.Tensor:
     if len(blocks) <= k:
         return blocks
     return blocks[torch.linspace(0, len(blocks) - 1, k).round().long()]
+
+
+def heldout_blocks(tokenizer, data: DataSource | None, block_size: int, k: int, *,
+                   text_field: str = "text", purpose: str = "evaluation") -> torch.Tensor:
+    """k blocks spread over held-out text (default: the embedded Shakespeare held-out plays)."""
+    if data is None:
+        from samples.default import shakespeare_texts
+        data = shakespeare_texts()[1]
+    blocks = spread(pack(tokenizer, read_documents(data, text_field), block_size), k)
+    if len(blocks) == 0:
+        raise UserError(f"The {purpose} data has fewer than {block_size} tokens; give more "
+                        "text or a smaller --block-size.")
+    return blocks

@@ -192,7 +192,7 @@ def evaluate_checkpoint(ckpt, data=None, *, out_dir=None, sweep: list[float] | N
     from converter.atomic import atomic_path
     from converter.calibrate import calibrate, shift_routers
     from converter.checkpoint import load_lte_model
-    from converter.data import pack, read_documents, spread
+    from converter.data import heldout_blocks, spread
     from converter.train import check_model_dir
 
     ckpt = check_model_dir(ckpt)
@@ -206,13 +206,7 @@ def evaluate_checkpoint(ckpt, data=None, *, out_dir=None, sweep: list[float] | N
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     task = info.get("task", "clm")
-    if data is None:
-        from samples.default import shakespeare_texts
-        data = shakespeare_texts()[1]
-    blocks = spread(pack(tokenizer, read_documents(data, text_field), block_size), max_blocks)
-    if len(blocks) == 0:
-        raise UserError(f"The evaluation data has fewer than {block_size} tokens; give more "
-                        "text or a smaller --block-size.")
+    blocks = heldout_blocks(tokenizer, data, block_size, max_blocks, text_field=text_field)
     m = measure(model, blocks, batch_size=batch_size, task=task, tokenizer=tokenizer)
     flops = ffn_flops_per_token(model, m.layer_sparsity)
     report = {

@@ -28,7 +28,7 @@ from torch import Tensor
 from plugins import cpu
 from plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
                                sparse_ffn_up_reference)
-from plugins.spec import ACTIVATIONS, DTYPES, NAMESPACE, FFNShape, check_inputs
+from plugins.spec import ACTIVATIONS, DTYPES, NAMESPACE, FFNShape, check_inputs, check_weights
 
 
 def _check_attrs(activation):
@@ -63,19 +63,8 @@ def _check_down(h, mask, w_down_t, b_down, expert_size):
         fail(f"mask has dtype {mask.dtype}; expected torch.bool.")
     if tuple(mask.shape) != tuple(h.shape[:-1]) + (E,):
         fail(f"mask has shape {tuple(mask.shape)}; expected {tuple(h.shape[:-1]) + (E,)}.")
-    for name, t, shape in (("w_down_t", w_down_t, (F, d)), ("b_down", b_down, (d,))):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            fail(f"{name} has shape {tuple(t.shape)}; expected {shape}.")
-        if t.dtype != h.dtype:
-            fail(f"{name} has dtype {t.dtype} but h has {h.dtype}; all weights must match h.")
-        if t.device != h.device:
-            fail(f"{name} is on {t.device} but h is on {h.device}.")
-        if not t.is_contiguous():
-            fail(f"{name} is not contiguous; call .contiguous() once when loading weights.")
-    if mask.device != h.device:
-        fail(f"mask is on {mask.device} but h is on {h.device}.")
+    check_weights({"w_down_t": w_down_t, "b_down": b_down}, {"w_down_t": (F, d), "b_down": (d,)},
+                  mask, h, "h", fail)
 
 
 def _check(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size, activation):

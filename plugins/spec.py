@@ -122,17 +122,24 @@ def check_inputs(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_s
                 "b_up": (F,), "b_gate": (F,), "b_down": (d,)}
     tensors = {"w_up": w_up, "w_gate": w_gate, "w_down_t": w_down_t,
                "b_up": b_up, "b_gate": b_gate, "b_down": b_down}
+    check_weights(tensors, expected, mask, x, "x", fail)
+
+
+def check_weights(tensors: dict, expected: dict, mask, ref, ref_name: str, fail):
+    """Weights (name -> tensor or None) against expected shapes and the activation `ref`:
+    same dtype and device, contiguous; the mask on ref's device. Calls fail(message)."""
     for name, t in tensors.items():
         if t is None:
             continue
         if tuple(t.shape) != expected[name]:
             hint = " (W_down must be stored transposed, [F, d])" if name == "w_down_t" else ""
             fail(f"{name} has shape {tuple(t.shape)}; expected {expected[name]}{hint}.")
-        if t.dtype != x.dtype:
-            fail(f"{name} has dtype {t.dtype} but x has {x.dtype}; all weights must match x.")
-        if t.device != x.device:
-            fail(f"{name} is on {t.device} but x is on {x.device}.")
+        if t.dtype != ref.dtype:
+            fail(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
+                 f"all weights must match {ref_name}.")
+        if t.device != ref.device:
+            fail(f"{name} is on {t.device} but {ref_name} is on {ref.device}.")
         if not t.is_contiguous():
             fail(f"{name} is not contiguous; call .contiguous() once when loading weights.")
-    if mask.device != x.device:
-        fail(f"mask is on {mask.device} but x is on {x.device}.")
+    if mask.device != ref.device:
+        fail(f"mask is on {mask.device} but {ref_name} is on {ref.device}.")
