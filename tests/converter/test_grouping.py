@@ -60,15 +60,21 @@ def test_kmeans_groups_are_tighter_than_random_on_real_weights():
     assert mean_sq_distance(w, perm, 32) < mean_sq_distance(w, rand, 32) - 0.02
 
 
-def test_real_glassllm_converted_is_function_identical():
-    from samples.default import glassllm_model_dir
-    model = transformers.LlamaForCausalLM.from_pretrained(glassllm_model_dir()).eval()
-    ids = torch.randint(4, model.config.vocab_size, (2, 64),
+def _logits_before_and_after_conversion(model_dir, low_id):
+    """(converted model, logits before, logits after) on 2×64 seeded random token ids."""
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(low_id, model.config.vocab_size, (2, 64),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         convert_model(model, expert_size=32)
         out = model(input_ids=ids).logits
+    return model, ref, out
+
+
+def test_real_glassllm_converted_is_function_identical():
+    from samples.default import glassllm_model_dir
+    model, ref, out = _logits_before_and_after_conversion(glassllm_model_dir(), low_id=4)
     m = lte_modules(model)[0][1]
     assert (m.d_ff_original, m.shape.d_ff, m.shape.n_experts) == (341, 352, 11)
     assert model.config.intermediate_size == 352
@@ -89,12 +95,6 @@ def test_identical_and_zero_rows_still_give_full_experts():
 @pytest.mark.slow
 def test_real_smollm2_converted_is_function_identical():
     from samples.default import default_model_dir
-    model = transformers.LlamaForCausalLM.from_pretrained(default_model_dir()).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 64),
-                        generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
-        convert_model(model, expert_size=32)
-        out = model(input_ids=ids).logits
+    model, ref, out = _logits_before_and_after_conversion(default_model_dir(), low_id=0)
     assert len(lte_modules(model)) == 30 and lte_modules(model)[0][1].shape.n_experts == 48
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
