@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugins import ops
+from plugins.cpu import gate_up_pair
 from plugins.reference import ACT_FNS
 from plugins.spec import FFNShape
 
@@ -83,6 +84,25 @@ class LTEFFN(nn.Module):
         self.mode = mode
         self.router.requires_grad_(mode == "soft")
         self.last_scores = None
+        if mode == "folded":
+            self._pair_gate_up()
+
+    def _pair_gate_up(self):
+        """Move W_gate and W_up into one [2, F, d] storage; both stay separate parameters
+        (state dict, export and checkpoints unchanged). The CPU kernel then computes a block
+        of both with one batched GEMM, ≈1.25x faster per SmolLM2 layer (plugins/cpu.py)."""
+        if not self.shape.gated or gate_up_pair(self.w_gate, self.w_up) is not None:
+            return
+        with torch.no_grad():
+            pair = torch.stack([self.w_gate.data, self.w_up.data])          # [2, F, d]
+        self.w_gate.data, self.w_up.data = pair[0], pair[1]
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .half() / .cuda() give every parameter new storage: pair them again."""
+        super()._apply(fn, recurse)
+        if self.mode == "folded":
+            self._pair_gate_up()
+        return self
 
     def extra_repr(self) -> str:
         s = self.shape

@@ -5,12 +5,13 @@ Semantics: plugins/spec.py. Inputs are validated by plugins/ops.py before they g
 Plan of one call, for x [n, d] and mask [n, E] (leading dims flattened):
 
     union   = mask.any(0)                        experts any token selected      [E]
-    runs    = maximal runs of adjacent experts of the union; run r covers rows
-              [b_r·s, e_r·s) of W_gate, W_up and W_down_t: a contiguous block, used as a
-              view (torch.split), never copied
-    gate, up= one GEMM per run and matrix (W_run @ xᵀ), written into a packed buffer [A, n]
-              (A = active rows, run after run; kept transposed so every run's output is a
-              contiguous slice, whatever n is)
+    blocks  = maximal runs of adjacent experts of the union; block r covers rows
+              [b_r·s, e_r·s) of W_gate, W_up and W_down_t: a contiguous slice, never copied
+    gate, up= one batched GEMM per block (W_block @ xᵀ) into a packed buffer [2, A, n]
+              (A = active rows, block after block; transposed so every block's output is
+              contiguous whatever n is). When W_gate and W_up lie in one [2, F, d] storage
+              (a folded LTEFFN pairs them) one torch.bmm covers both matrices' block;
+              otherwise each matrix's block is one bmm over its two halves
     h       = act(gate + b_gate) ⊙ (up + b_up) in fp32, rounded to x's dtype; for n > 1 each
               token's h is zeroed on the union's experts it did not select (the reference's
               masking, exactly)
@@ -20,12 +21,16 @@ Plan of one call, for x [n, d] and mask [n, E] (leading dims flattened):
 
 Why (measured on the 2-core AMD EPYC development machine, torch 2.13 with MKL; numbers in
 results/cpu_bench.md): gathering the active rows with index_select copies more bytes than the
-FFN reads and is slower than dense (FACTS.md); MKL's GEMV streams ≈25 GB/s there while
-embedding_bag streams ≈37 GB/s, so the down projection of a single token goes through
-embedding_bag (fp32 and bf16); torch.mv in bf16 is half as fast as torch.mm, so one token
-is a [d, 1] GEMM too; a Python-level call costs ≈1–2 µs, so the per-call planning is a
-handful of ops (one nonzero; runs grouped in Python). When the union covers most experts of a batch
-(prefill), the runs buy nothing: one dense GEMM per matrix, the per-token mask, one GEMM.
+FFN reads and is slower than dense (FACTS.md); for one fp32 token torch.mm / F.linear run
+MKL's GEMV at ≈17 GB/s while torch.bmm with a batch of 2 (MKL's batched GEMM) streams
+≈35 GB/s, so every up-projection block is a bmm, and pairing W_gate with W_up halves the
+calls (SmolLM2 layer at 0.5: 0.40 ms unpaired, 0.31 ms paired, dense 0.60 ms); the down
+projection of a single token goes through embedding_bag, which streams faster than the GEMV
+(fp32 and bf16); a Python-level call costs ≈2–3 µs, so the per-call planning is a handful of
+ops (one nonzero; blocks grouped in Python). Up to SMALL_N fp32 tokens, W @ xᵀ as a bmm is
+≈2x faster than F.linear even over every row, so a full union is one block there; past that,
+or in bf16/fp16, a batch whose union covers most experts (prefill) gets one dense F.linear
+per matrix, the per-token mask, one F.linear.
 
 Threads: only torch's own intra-op threads. (Splitting one token's rows into two bags so both
 cores work was slower on a 2-core machine shared with other jobs: a 2-thread parallel region
@@ -41,6 +46,9 @@ from plugins.reference import ACT_FNS
 # Above this fraction of active experts in a multi-token batch's union, one dense GEMM per
 # matrix is used instead of one per run.
 DENSE_UNION = 0.9
+# Up to this many fp32 tokens, W @ xᵀ as a batched GEMM (_block_gemm) is ≈2x faster than
+# F.linear's x @ Wᵀ at SmolLM2's shape (1 and 4 tokens; at 16 it is 8% slower; measured).
+SMALL_N = 8
 # Cost model for merging runs across short gaps (measured on the development machine): a
 # GEMM call on a run costs about CALL_US µs besides its bytes (bf16/fp16 matmuls of a few
 # dozen rows go through a oneDNN primitive that costs ≈12 µs per call; fp32 MKL ≈2 µs), and
@@ -54,43 +62,61 @@ _OFFSET0 = torch.zeros(1, dtype=torch.long)
 _ARANGE: dict[int, torch.Tensor] = {}
 
 
-def max_gap(w_up, gated: bool, s: int, tokens: int) -> int:
+def _cost(blocks: int, rows: int, stacks: int, matrices: int, tokens: int, call: float,
+          row_us: float) -> float:
+    """Predicted µs of a plan with `blocks` blocks covering `rows` rows: per block one GEMM
+    call per stack (see _stacks) on the up side; on the down side one embedding_bag for one
+    token (≈2x the GEMM stream) or one GEMM per block."""
+    up = blocks * stacks * call + matrices * rows * row_us
+    down = call + rows * row_us / 2 if tokens == 1 else blocks * call + rows * row_us
+    return up + down
+
+
+def max_gap(w_up, stacks: int, gated: bool, s: int, tokens: int) -> int:
     """Longest run of skipped experts (in experts) worth computing to save the calls."""
     matrices = 3 if gated else 2
     gap_us = matrices * s * w_up.shape[1] * w_up.element_size() / (STREAM_GBPS * 1e3)
-    calls = (2 if gated else 1) + (tokens > 1)           # up GEMMs (+ the down GEMM, n > 1)
+    calls = stacks + (tokens > 1)                        # up GEMMs (+ the down GEMM, n > 1)
     return int(calls * CALL_US.get(w_up.dtype, CALL_US_DEFAULT) // gap_us)
 
 
 def _plan(union: torch.Tensor, s: int, gap: int = 0):
-    """union bool [E] -> (sizes, runs, rows, experts, merged).
+    """union bool [E] -> (starts, runs, rows, experts, merged).
 
     Blocks: maximal runs of adjacent active experts, merged across gaps of at most `gap`
     skipped experts.
-    sizes:   row counts alternating gap, block, gap, …, block, gap (splits an [F, d] weight
-             into views; the blocks are at odd positions);
-    runs:    the block lengths in rows (sizes[1::2]);
+    starts:  the blocks' first rows (a block is rows [start, start + run) of an [F, d] weight);
+    runs:    the block lengths in rows;
     rows:    the blocks' row indices [A], in order (int64);
     experts: the experts the blocks cover [A / s] (int64);
     merged:  whether the blocks cover skipped experts (to be masked to 0).
     """
     experts = union.nonzero().view(-1)                           # [Ea]
-    sizes, end, ids, merged = [], 0, experts.tolist(), False
-    for e in ids:
-        if sizes and e - end <= gap:                             # extends the current block
-            sizes[-1] += (e + 1 - end) * s
+    starts, runs, end, merged = [], [], None, False
+    for e in experts.tolist():
+        if runs and e - end <= gap:                              # extends the current block
+            runs[-1] += (e + 1 - end) * s
             merged |= e > end
         else:
-            sizes += [(e - end) * s, s]
+            starts.append(e * s)
+            runs.append(s)
         end = e + 1
-    sizes.append((union.shape[0] - end) * s)
     if merged:
-        starts = [sum(sizes[:k]) // s for k in range(1, len(sizes), 2)]
-        experts = torch.cat([torch.arange(b, b + n // s) for b, n in zip(starts, sizes[1::2])])
+        experts = torch.cat([torch.arange(b // s, (b + n) // s) for b, n in zip(starts, runs)])
+    return starts, runs, _rows(experts, s), experts, merged
+
+
+def _full_plan(E: int, s: int):
+    """The plan of one block over all experts, masked per token (a dense GEMM per matrix)."""
+    experts = torch.arange(E)
+    return [0], [E * s], _rows(experts, s), experts, True
+
+
+def _rows(experts, s):
+    """Row indices [len(experts)·s] of the experts' rows."""
     if s not in _ARANGE:
         _ARANGE[s] = torch.arange(s)
-    rows = torch.add(_ARANGE[s], experts[:, None], alpha=s).view(-1)
-    return sizes, sizes[1::2], rows, experts, merged
+    return torch.add(_ARANGE[s], experts[:, None], alpha=s).view(-1)
 
 
 def _activate(gate, up, b_gate, b_up, rows, activation):
@@ -106,54 +132,95 @@ def _activate(gate, up, b_gate, b_up, rows, activation):
     return ACT_FNS[activation](gate).mul_(up)
 
 
-def _sparse_plan(mask2, union, w_up, gated, s):
-    """The plan of the blocks to compute, or None when one dense GEMM per matrix is cheaper:
-    by the cost model; or for a batch whose union covers more than DENSE_UNION; or for a
-    bf16/fp16 batch (their small per-block GEMMs measured slower than dense at every
-    sparsity up to 0.9, see results/cpu_bench.md)."""
-    n = mask2.shape[0]
-    if n > 1 and (w_up.dtype != torch.float32
-                  or int(union.sum()) > DENSE_UNION * union.numel()):
-        return None
-    plan = _plan(union, s, max_gap(w_up, gated, s, n))
+def _sparse_plan(mask2, union, w_gate, w_up, s):
+    """The plan of the blocks to compute, or None for the dense path (F.linear per matrix,
+    then the per-token mask).
+
+    The blocks of the union's runs when the cost model prefers them to one block of every
+    row, else that one block (_full_plan) for fp32 batches of up to SMALL_N tokens (W @ xᵀ
+    as a batched GEMM streams the weights ≈2x faster there than F.linear's x @ Wᵀ), else
+    None. A batch whose union covers more than DENSE_UNION, or a bf16/fp16 batch (their
+    small per-block GEMMs measured slower than dense at every sparsity up to 0.9,
+    results/cpu_bench.md), skips the runs."""
+    n, E = mask2.shape[0], union.numel()
+    gated = w_gate is not None
+    full = _full_plan(E, s) if n <= SMALL_N and w_up.dtype == torch.float32 else None
+    if n > 1 and (w_up.dtype != torch.float32 or int(union.sum()) > DENSE_UNION * E):
+        return full
+    stacks = len(_stacks(w_gate, w_up))
+    plan = _plan(union, s, max_gap(w_up, stacks, gated, s, n))
     runs = plan[1]
     call = CALL_US.get(w_up.dtype, CALL_US_DEFAULT)
     row_us = w_up.shape[1] * w_up.element_size() / (STREAM_GBPS * 1e3)   # one row, one matrix
-    A, F_, up = sum(runs), w_up.shape[0], 2 if gated else 1
-    sparse = up * (len(runs) * call + A * row_us)                 # up: a GEMM per block
-    if n == 1:
-        sparse += call + A * row_us / 2                           # embedding_bag: ≈2x stream
-    else:
-        sparse += len(runs) * call + A * row_us                   # down: a GEMM per block
-    dense = (up + 1) * (call + F_ * row_us)
-    return plan if sparse < dense else None
+    costs = (stacks, 2 if gated else 1, n, call, row_us)
+    sparse = _cost(len(runs), sum(runs), *costs)
+    return plan if sparse < _cost(1, w_up.shape[0], *costs) else full
+
+
+def gate_up_pair(w_gate, w_up):
+    """W_gate and W_up as one [2, F, d] view when they lie in one storage at a fixed distance
+    (a folded LTEFFN keeps them so, converter/lte_ffn.py), else None."""
+    if w_gate is None or w_gate.untyped_storage().data_ptr() != w_up.untyped_storage().data_ptr():
+        return None
+    delta = w_up.storage_offset() - w_gate.storage_offset()
+    if delta < w_gate.numel() or w_gate.stride() != w_up.stride():
+        return None
+    return w_gate.as_strided((2, *w_gate.shape), (delta, *w_gate.stride()))
+
+
+def _stacks(w_gate, w_up):
+    """The up-projection weights as [k, F, d] views, each computed with one call per block
+    (_gemms): the pair when W_gate and W_up are paired, else one [1, F, d] view per matrix."""
+    pair = gate_up_pair(w_gate, w_up)
+    if pair is not None:
+        return [pair]
+    return [w[None] for w in (w_gate, w_up) if w is not None]
+
+
+def _gemms(w, starts, runs, xt):
+    """w[:, b:b+r] @ xt for every block -> [k, A, n], one call per block.
+
+    A [2, F, d] pair is one torch.bmm per block (into fresh outputs: bmm into a strided slice
+    of a buffer is ≈2x slower). In fp32 a single matrix's block is cut into two halves so it
+    too goes through MKL's batched GEMM, which streams the weights ≈1.7x faster than the GEMV
+    torch.mm uses for one token (both measured, results/cpu_bench.md)."""
+    k, _, d = w.shape
+    if k == 2:
+        xt2 = xt.expand(2, -1, -1)
+        return torch.cat([torch.bmm(w[:, b:b + r], xt2) for b, r in zip(starts, runs)], 1)
+    out = xt.new_empty(1, sum(runs), xt.shape[1])
+    halves, n = w.dtype == torch.float32, xt.shape[1]
+    for b, r, o in zip(starts, runs, out[0].split(runs)):
+        if halves and r % 2 == 0:
+            torch.bmm(w[0, b:b + r].view(2, -1, d), xt.expand(2, -1, -1), out=o.view(2, -1, n))
+        else:
+            torch.mm(w[0, b:b + r], xt, out=o)
+    return out
 
 
 def _up_packed(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation, plan):
     """h packed [A, n] in x's dtype for the plan's blocks (see _plan)."""
     n = x2.shape[0]
     gated = w_gate is not None
-    sizes, runs, rows, experts, merged = plan
-    buf = x2.new_empty(2 if gated else 1, rows.shape[0], n)     # gate^T, up^T
+    starts, runs, rows, experts, merged = plan
     xt = x2.t()                                                  # [d, n]
-    for w, out in ((w_gate, buf[0]), (w_up, buf[-1])) if gated else ((w_up, buf[0]),):
-        for w_run, o in zip(w.split(sizes)[1::2], out.split(runs)):
-            torch.mm(w_run, xt, out=o)                           # [run, d] @ [d, n]
+    stacks = [_gemms(w, starts, runs, xt) for w in _stacks(w_gate, w_up)]
+    buf = stacks[0] if len(stacks) == 1 else torch.cat(stacks)   # [2|1, A, n]: gate^T, up^T
     h = _activate(buf[0] if gated else None, buf[-1], b_gate, b_up, rows, activation)
     if n > 1 or merged:                                          # zero what a token skipped
         h.mul_(mask2.index_select(1, experts).t().repeat_interleave(s, dim=0))   # [A, n]
     return h.to(x2.dtype)
 
 
-def _down_packed(h, sizes, runs, rows, w_down_t, b_down):
+def _down_packed(h, starts, runs, rows, w_down_t, b_down):
     """y [n, d] = Σ over the packed rows f of h[f] · W_down_t[rows[f]] (+ b_down)."""
     if h.shape[1] == 1:
         y = F.embedding_bag(rows, w_down_t, _OFFSET0, per_sample_weights=h.view(-1),
                             mode="sum")
     else:
         y = h.new_zeros(h.shape[1], w_down_t.shape[1])
-        for w_run, h_run in zip(w_down_t.split(sizes)[1::2], h.split(runs)):
-            y.addmm_(h_run.t(), w_run)
+        for b, r, h_run in zip(starts, runs, h.split(runs)):
+            y.addmm_(h_run.t(), w_down_t[b:b + r])
     if b_down is not None:
         y += b_down
     return y
@@ -185,7 +252,7 @@ def sparse_ffn_up(x, mask, w_gate, w_up, b_gate, b_up, expert_size, activation):
     """Masked h [..., F] (zeros outside each token's experts); reads the union's rows only."""
     d, F_, s = x.shape[-1], w_up.shape[0], expert_size
     x2, mask2 = x.reshape(-1, d), mask.reshape(-1, F_ // s)
-    plan = _sparse_plan(mask2, _union(mask2), w_up, w_gate is not None, s)
+    plan = _sparse_plan(mask2, _union(mask2), w_gate, w_up, s)
     if plan is None:
         h = _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation)
     else:
@@ -205,22 +272,22 @@ def sparse_ffn_down(h, mask, w_down_t, b_down, expert_size):
     union = _union(mask2)
     if not union.any():
         return _bias_only(h2.shape[0], d, b_down, h2).view(*h.shape[:-1], d)
-    sizes, runs, rows, experts, _ = _plan(union, s)
+    starts, runs, rows, experts, _ = _plan(union, s)
     keep = mask2.index_select(1, experts).repeat_interleave(s, dim=1)       # [n, A]
     hp = (h2[:, rows] * keep).t()                                             # [A, n]
-    return _down_packed(hp, sizes, runs, rows, w_down_t, b_down).view(*h.shape[:-1], d)
+    return _down_packed(hp, starts, runs, rows, w_down_t, b_down).view(*h.shape[:-1], d)
 
 
 def sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size, activation):
     """y [..., d]: the whole FFN, reading only the weights of the union's active experts."""
     d, F_, s = x.shape[-1], w_up.shape[0], expert_size
     x2, mask2 = x.reshape(-1, d), mask.reshape(-1, F_ // s)
-    plan = _sparse_plan(mask2, _union(mask2), w_up, w_gate is not None, s)
+    plan = _sparse_plan(mask2, _union(mask2), w_gate, w_up, s)
     if plan is None:
         h = _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation)
         return F.linear(h, w_down_t.t(), b_down).view(x.shape)
-    sizes, runs, rows, _, _ = plan
+    starts, runs, rows, _, _ = plan
     if not runs:                                              # no expert active anywhere
         return _bias_only(x2.shape[0], d, b_down, x2).view(x.shape)
     h = _up_packed(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation, plan)
-    return _down_packed(h, sizes, runs, rows, w_down_t, b_down).view(x.shape)
+    return _down_packed(h, starts, runs, rows, w_down_t, b_down).view(x.shape)

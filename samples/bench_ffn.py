@@ -48,15 +48,19 @@ TOKENS = (1, 4, 16, 64, 256, 2048)
 EXPERT_SIZE = 32
 
 
-def make_layers(d, F_, n_layers, dtype, device, seed=0):
+def make_layers(d, F_, n_layers, dtype, device, seed=0, paired=True):
     """n_layers FFNs: gate/up [F, d] shared by both paths, W_down [d, F] (dense) and W_down_t
-    [F, d] (sparse) holding the same values."""
+    [F, d] (sparse) holding the same values. paired: W_gate and W_up are the two halves of one
+    [2, F, d] tensor, as a folded LTEFFN holds them (converter/lte_ffn.py)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     layers = []
     for _ in range(n_layers):
-        w = [(torch.randn(F_, d, generator=g) / math.sqrt(d)).to(dtype) for _ in range(3)]
-        layers.append({"w_gate": w[0].to(device), "w_up": w[1].to(device),
-                       "w_down_t": w[2].to(device), "w_down": w[2].t().contiguous().to(device)})
+        w = [(torch.randn(F_, d, generator=g) / math.sqrt(d)).to(dtype).to(device)
+             for _ in range(3)]
+        if paired:
+            w[0], w[1] = torch.stack(w[:2])
+        layers.append({"w_gate": w[0], "w_up": w[1], "w_down_t": w[2],
+                       "w_down": w[2].t().contiguous()})
     return layers
 
 
@@ -167,7 +171,7 @@ def bench_one(shape_name, sparsity, tokens, args, layers, device):
     row = {"shape": shape_name, "d": d, "d_ff": F_, "sparsity": sparsity, "tokens": tokens,
            "layers_rotated": n, "dtype": str(args.dtype).replace("torch.", ""),
            "device": device.type, "union_density": union, "clock": args.clock,
-           "threads": torch.get_num_threads(),
+           "threads": torch.get_num_threads(), "gate_up_paired": not args.unpaired,
            "masks": "recorded" if args.masks else "random"}
     for name, v in t.items():
         row[f"{name}_ms"] = statistics.median(v) / n * 1e3     # per layer
@@ -231,6 +235,9 @@ def parser():
                         "(robust on a machine shared with other jobs: time spent descheduled "
                         "is not counted; memory-bandwidth contention still is)")
     p.add_argument("--masks", default=None, help="recorded masks (safetensors, keys layer.<i>)")
+    p.add_argument("--unpaired", action="store_true",
+                   help="W_gate and W_up in separate storages (default: one [2, F, d] storage, "
+                        "as a folded LTE model holds them)")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     return p
 
@@ -254,7 +261,7 @@ def main(argv=None):
         d, F_, model_layers = SHAPES[shape_name]
         per_layer = 4 * F_ * d * torch.finfo(args.dtype).bits / 8  # gate, up, down, down_t
         n = args.layers or max(1, min(model_layers, int(args.max_gib * 2**30 // per_layer)))
-        layers = make_layers(d, F_, n, args.dtype, device)
+        layers = make_layers(d, F_, n, args.dtype, device, paired=not args.unpaired)
         for tokens in args.tokens:
             for sparsity in ([None] if args.masks else args.sparsity):
                 row = bench_one(shape_name, sparsity, tokens, args, layers, device)

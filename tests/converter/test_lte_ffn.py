@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from converter.lte_ffn import LTEFFN
+from plugins.cpu import gate_up_pair
 from plugins.reference import ACT_FNS, sparse_ffn_reference
 from plugins.spec import FFNShape
 
@@ -81,3 +82,29 @@ def test_weights_are_held_in_kernel_layout():
                      "router.bias"}
     assert all(p.is_contiguous() for p in ffn.parameters())
     assert ffn.router.out_features == 4 and ffn.w_down_t.shape == (FF, D)
+
+
+def test_folding_pairs_gate_and_up_and_keeps_them_paired_across_casts():
+    """Folded: W_gate and W_up share one [2, F, d] storage (the CPU kernel's one GEMM per
+    block), stay two parameters with their values and names, and are paired again after
+    .to(); the output is unchanged."""
+    ffn, x = _ffn(), _x()
+    before = {k: v.clone() for k, v in ffn.state_dict().items()}
+    assert gate_up_pair(ffn.w_gate, ffn.w_up) is None
+    ffn.fold_offset = 0.0
+    ffn.set_mode("folded")
+    pair = gate_up_pair(ffn.w_gate, ffn.w_up)
+    assert pair is not None and torch.equal(pair[0], before["w_gate"])
+    assert torch.equal(pair[1], before["w_up"])
+    after = ffn.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    y = ffn(x)
+    torch.testing.assert_close(y, _ref(ffn, x, ffn.router_logits(x) > 0), rtol=1e-5, atol=1e-4)
+    ffn.to(torch.bfloat16)
+    assert ffn.w_gate.dtype == torch.bfloat16 and gate_up_pair(ffn.w_gate, ffn.w_up) is not None
+    ffn.float()
+    assert gate_up_pair(ffn.w_gate, ffn.w_up) is not None
+    assert isinstance(ffn.w_gate, torch.nn.Parameter) and ffn.w_gate.is_contiguous()
+    ffn.load_state_dict(before)                           # copies into the paired storage
+    assert gate_up_pair(ffn.w_gate, ffn.w_up) is not None
+    torch.testing.assert_close(ffn(x), y)

@@ -132,19 +132,51 @@ def test_inactive_experts_are_not_read(tokens):
 
 def test_plan_runs():
     union = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
-    sizes, runs, rows, experts, merged = cpu._plan(union, 2)
-    assert sizes == [0, 4, 2, 2, 4, 6, 0] and runs == [4, 2, 6] and not merged
+    starts, runs, rows, experts, merged = cpu._plan(union, 2)
+    assert starts == [0, 6, 12] and runs == [4, 2, 6] and not merged
     assert rows.tolist() == [0, 1, 2, 3, 6, 7, 12, 13, 14, 15, 16, 17]
     assert experts.tolist() == [0, 1, 3, 6, 7, 8]
-    sizes, runs, rows, experts, merged = cpu._plan(union, 2, gap=1)     # merges the 1-gap
-    assert sizes == [0, 8, 4, 6, 0] and runs == [8, 6] and merged
+    starts, runs, rows, experts, merged = cpu._plan(union, 2, gap=1)     # merges the 1-gap
+    assert starts == [0, 12] and runs == [8, 6] and merged
     assert experts.tolist() == [0, 1, 2, 3, 6, 7, 8]
-    sizes, runs, rows, experts, merged = cpu._plan(union, 2, gap=2)     # one block
-    assert sizes == [0, 18, 0] and rows.tolist() == list(range(18))
-    sizes, runs, rows, _, _ = cpu._plan(torch.tensor([False, True, False]), 3)
-    assert sizes == [3, 3, 3] and runs == [3] and rows.tolist() == [3, 4, 5]
-    sizes, runs, rows, _, _ = cpu._plan(torch.zeros(4, dtype=torch.bool), 3)
-    assert sizes == [12] and runs == [] and rows.numel() == 0
+    starts, runs, rows, experts, merged = cpu._plan(union, 2, gap=2)     # one block
+    assert starts == [0] and runs == [18] and rows.tolist() == list(range(18))
+    starts, runs, rows, _, _ = cpu._plan(torch.tensor([False, True, False]), 3)
+    assert starts == [3] and runs == [3] and rows.tolist() == [3, 4, 5]
+    starts, runs, rows, _, _ = cpu._plan(torch.zeros(4, dtype=torch.bool), 3)
+    assert starts == [] and runs == [] and rows.numel() == 0
+
+
+def paired(w):
+    """The weights with W_gate and W_up moved into one [2, F, d] storage, as LTEFFN does."""
+    pair = torch.stack([w["w_gate"], w["w_up"]])
+    return {**w, "w_gate": pair[0], "w_up": pair[1]}
+
+
+def test_gate_up_pair_detection():
+    w = weights(40, 320, True, False, torch.float32)
+    assert cpu.gate_up_pair(w["w_gate"], w["w_up"]) is None
+    assert cpu.gate_up_pair(None, w["w_up"]) is None
+    p = paired(w)
+    pair = cpu.gate_up_pair(p["w_gate"], p["w_up"])
+    assert pair.shape == (2, 320, 40)
+    assert torch.equal(pair[0], w["w_gate"]) and torch.equal(pair[1], w["w_up"])
+    assert cpu.gate_up_pair(p["w_up"], p["w_gate"]) is None          # up before gate: no view
+    big = torch.randn(3, 320, 40)                                    # any fixed distance
+    assert torch.equal(cpu.gate_up_pair(big[0], big[2])[1], big[2])
+    over = torch.randn(320 * 40 + 40)                                # overlapping: not a pair
+    assert cpu.gate_up_pair(over[:320 * 40].view(320, 40), over[40:].view(320, 40)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["on", "one", "random", "sparse"])
+@pytest.mark.parametrize("lead", [(1,), (3,), (8,), (9,)])
+def test_paired_weights_match_reference(dtype, kind, lead):
+    """Paired W_gate/W_up (one bmm per block) and batches up to and past SMALL_N (the one
+    block over every row) against the reference."""
+    w = paired(weights(40, 320, True, True, dtype))
+    x = torch.randn(*lead, 40).to(dtype)
+    check_all(x, make_mask(kind, lead, 20, seed=5), w, 16, "silu")
 
 
 @pytest.mark.parametrize("calls", ["default", "costly"])
@@ -166,25 +198,31 @@ def test_gap_cost_model_at_real_shapes(monkeypatch):
     """fp32 never computes a skipped expert at SmolLM2 or LLaMA2-7B shapes; bf16 does at
     SmolLM2's (small rows, costly oneDNN calls) but not at 7B's."""
     for F_, d in [(1536, 576), (11008, 4096)]:
-        assert cpu.max_gap(torch.empty(F_, d), True, 32, 1) == 0
-        assert cpu.max_gap(torch.empty(F_, d), True, 32, 4) == 0
-    assert cpu.max_gap(torch.empty(1536, 576, dtype=torch.bfloat16), True, 32, 1) == 3
-    assert cpu.max_gap(torch.empty(11008, 4096, dtype=torch.bfloat16), True, 32, 1) == 0
+        for stacks in (1, 2):
+            assert cpu.max_gap(torch.empty(F_, d), stacks, True, 32, 1) == 0
+            assert cpu.max_gap(torch.empty(F_, d), stacks, True, 32, 4) == 0
+    assert cpu.max_gap(torch.empty(1536, 576, dtype=torch.bfloat16), 2, True, 32, 1) == 3
+    assert cpu.max_gap(torch.empty(11008, 4096, dtype=torch.bfloat16), 2, True, 32, 1) == 0
 
 
 def test_sparse_path_at_real_shapes(monkeypatch):
     """The default cost model keeps the sparse blocks for one fp32 token at SmolLM2 and
-    LLaMA2-7B shapes at 50% sparsity, and goes dense for a full union."""
+    LLaMA2-7B shapes at 50% sparsity, paired or not; a full union is one block for fp32
+    batches up to SMALL_N tokens and F.linear (None) past them or in bf16."""
     monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0)
     for F_, d in [(1536, 576), (11008, 4096)]:
         E = F_ // 32
         union = torch.arange(E) % 4 < 2                           # half on, in pairs
-        w = torch.empty(F_, d)
-        assert cpu._sparse_plan(union[None], union, w, True, 32) is not None
-        assert cpu._sparse_plan(union[None], union, w, True, 32)[4] is False   # no merging
+        for gate, up in [(torch.empty(F_, d), torch.empty(F_, d)), tuple(torch.empty(2, F_, d))]:
+            starts, runs, _, _, merged = cpu._sparse_plan(union[None], union, gate, up, 32)
+            assert runs == [64] * (E // 4) and starts == list(range(0, F_, 128))
+            assert merged is False
     half = torch.arange(48) % 2 == 0
-    assert cpu._sparse_plan(half[None].expand(2, 48), half,
-                            torch.empty(1536, 576, dtype=torch.bfloat16), True, 32) is None
+    bf16 = torch.empty(1536, 576, dtype=torch.bfloat16)
+    assert cpu._sparse_plan(half[None].expand(2, 48), half, bf16, bf16, 32) is None
     full = torch.ones(48, dtype=torch.bool)
-    assert cpu._sparse_plan(full[None].expand(4, 48), full, torch.empty(1536, 576), True,
-                            32) is None
+    w = torch.empty(1536, 576)
+    for n in (1, 4, cpu.SMALL_N):
+        plan = cpu._sparse_plan(full[None].expand(n, 48), full, w, w, 32)
+        assert plan[:2] == ([0], [1536]) and plan[4] is True
+    assert cpu._sparse_plan(full[None].expand(cpu.SMALL_N + 1, 48), full, w, w, 32) is None

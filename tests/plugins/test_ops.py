@@ -81,8 +81,8 @@ def test_autograd_matches_reference():
                             leaves)
     g_ref = torch.autograd.grad(sparse_ffn_reference(x, mask, *w, S, "silu").square().sum(),
                                 leaves)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g, g_ref):                  # gradients reach 3e5: relative to the norm
+        assert float((a - b).norm() / b.norm()) <= 1e-5
 
 
 def test_entry_point_runs_the_op_and_checks_gating():
