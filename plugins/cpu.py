@@ -46,9 +46,10 @@ from plugins.reference import ACT_FNS
 # Above this fraction of active experts in a multi-token batch's union, one dense GEMM per
 # matrix is used instead of one per run.
 DENSE_UNION = 0.9
-# Up to this many fp32 tokens, W @ xᵀ as a batched GEMM (_block_gemm) is ≈2x faster than
-# F.linear's x @ Wᵀ at SmolLM2's shape (1 and 4 tokens; at 16 it is 8% slower; measured).
-SMALL_N = 8
+# Up to this many fp32 tokens, W @ xᵀ as a batched GEMM (_gemms) beats F.linear's x @ Wᵀ
+# even over every row (measured, gate+up: SmolLM2 1.8–2.1x at 1–4 tokens; LLaMA2-7B 1.2x at
+# 1, 1.4x at 2, but 0.8x at 4 and 0.7x at 8 tokens, where MKL's GEMM for x @ Wᵀ wins).
+SMALL_N = 2
 # Cost model for merging runs across short gaps (measured on the development machine): a
 # GEMM call on a run costs about CALL_US µs besides its bytes (bf16/fp16 matmuls of a few
 # dozen rows go through a oneDNN primitive that costs ≈12 µs per call; fp32 MKL ≈2 µs), and
