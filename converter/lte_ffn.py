@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugins import ops
-from plugins.cpu import gate_up_pair
 from plugins.reference import ACT_FNS
-from plugins.spec import FFNShape
+from plugins.spec import FFNShape, gate_up_pair
 
 MODES = ("dense", "soft", "hard", "folded")
 ROUTER_INIT_BIAS = 2.0      # σ(2) ≈ 0.88: experts start on, above τ = 0.5

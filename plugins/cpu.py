@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from plugins.reference import ACT_FNS
+from plugins.spec import gate_up_pair
 
 # Above this fraction of active experts in a multi-token batch's union, one dense GEMM per
 # matrix is used instead of one per run.
@@ -156,17 +157,6 @@ def _sparse_plan(mask2, union, w_gate, w_up, s):
     costs = (stacks, 2 if gated else 1, n, call, row_us)
     sparse = _cost(len(runs), sum(runs), *costs)
     return plan if sparse < _cost(1, w_up.shape[0], *costs) else full
-
-
-def gate_up_pair(w_gate, w_up):
-    """W_gate and W_up as one [2, F, d] view when they lie in one storage at a fixed distance
-    (a folded LTEFFN keeps them so, converter/lte_ffn.py), else None."""
-    if w_gate is None or w_gate.untyped_storage().data_ptr() != w_up.untyped_storage().data_ptr():
-        return None
-    delta = w_up.storage_offset() - w_gate.storage_offset()
-    if delta < w_gate.numel() or w_gate.stride() != w_up.stride():
-        return None
-    return w_gate.as_strided((2, *w_gate.shape), (delta, *w_gate.stride()))
 
 
 def _stacks(w_gate, w_up):

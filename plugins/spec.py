@@ -12,7 +12,9 @@ Semantics, for x [..., d], boolean mask m [..., E], expert size s, F = E·s:
 
 Weight layout (what the kernels want): expert e owns rows e·s … e·s+s−1 of W_gate [F, d],
 W_up [F, d] and W_down_t [F, d] (W_down stored transposed), so a skipped expert is one
-skipped contiguous block in all three. All tensors are contiguous, row-major.
+skipped contiguous block in all three. All tensors are contiguous, row-major. W_gate and W_up
+may lie in one [2, F, d] storage (`gate_up_pair`; a folded LTEFFN keeps them so): kernels
+that can then compute both with one GEMM do, the others see two ordinary tensors.
 
 The full op is one call in PyTorch (`torch.ops.lte.sparse_ffn`). In ONNX and TensorRT it is
 a pair of nodes, because a TensorRT AOT plugin may launch one kernel only and gets no
@@ -143,3 +145,14 @@ def check_weights(tensors: dict, expected: dict, mask, ref, ref_name: str, fail)
             fail(f"{name} is not contiguous; call .contiguous() once when loading weights.")
     if mask.device != ref.device:
         fail(f"mask is on {mask.device} but {ref_name} is on {ref.device}.")
+
+
+def gate_up_pair(w_gate, w_up):
+    """W_gate and W_up as one [2, F, d] view when they lie in one storage at a fixed distance,
+    W_up after W_gate with the same strides, else None."""
+    if w_gate is None or w_gate.untyped_storage().data_ptr() != w_up.untyped_storage().data_ptr():
+        return None
+    delta = w_up.storage_offset() - w_gate.storage_offset()
+    if delta < w_gate.numel() or w_gate.stride() != w_up.stride():
+        return None
+    return w_gate.as_strided((2, *w_gate.shape), (delta, *w_gate.stride()))

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from converter.lte_ffn import LTEFFN
-from plugins.cpu import gate_up_pair
 from plugins.reference import ACT_FNS, sparse_ffn_reference
-from plugins.spec import FFNShape
+from plugins.spec import FFNShape, gate_up_pair
 
 D, FF, S = 24, 64, 16          # 4 experts
 

@@ -153,21 +153,6 @@ def paired(w):
     return {**w, "w_gate": pair[0], "w_up": pair[1]}
 
 
-def test_gate_up_pair_detection():
-    w = weights(40, 320, True, False, torch.float32)
-    assert cpu.gate_up_pair(w["w_gate"], w["w_up"]) is None
-    assert cpu.gate_up_pair(None, w["w_up"]) is None
-    p = paired(w)
-    pair = cpu.gate_up_pair(p["w_gate"], p["w_up"])
-    assert pair.shape == (2, 320, 40)
-    assert torch.equal(pair[0], w["w_gate"]) and torch.equal(pair[1], w["w_up"])
-    assert cpu.gate_up_pair(p["w_up"], p["w_gate"]) is None          # up before gate: no view
-    big = torch.randn(3, 320, 40)                                    # any fixed distance
-    assert torch.equal(cpu.gate_up_pair(big[0], big[2])[1], big[2])
-    over = torch.randn(320 * 40 + 40)                                # overlapping: not a pair
-    assert cpu.gate_up_pair(over[:320 * 40].view(320, 40), over[40:].view(320, 40)) is None
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["on", "one", "random", "sparse"])
 @pytest.mark.parametrize("lead", [(1,), (2,), (3,), (9,)])
