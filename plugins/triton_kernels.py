@@ -74,6 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
+from plugins.spec import gate_up_pair
+
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # From this many tokens on, `sparse_ffn` runs cuBLAS for all projections (see sparse_ffn).
@@ -295,23 +297,26 @@ def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
 
 @triton.jit
 def act_mul_mask_kernel(gate_ptr, up_ptr, mask_ptr,
-                        T, F,
+                        F, LD,
                         h_ptr,
                         EXPERT_SIZE: tl.constexpr, ACTIVATION: tl.constexpr,
                         GATED: tl.constexpr, BLOCK: tl.constexpr):
-    """h = act(gate)·up·mask[t, f // s] elementwise over [T, F] (PyTorch prefill path only)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    t = offs // F
-    f = offs - t * F
-    ok = t < T
+    """h[t, f] = act(gate[t, f])·up[t, f]·mask[t, f // s] (PyTorch prefill path only).
+
+    gate and up are [T, F] with row stride LD (F, or 2F for the column halves of one
+    [T, 2F] GEMM output); h is [T, F] contiguous. Grid: (T, cdiv(F, BLOCK)).
+    """
+    t = tl.program_id(0).to(tl.int64)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = f < F
     on = tl.load(mask_ptr + t * (F // EXPERT_SIZE) + f // EXPERT_SIZE, mask=ok, other=0) != 0
-    up = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)      # 16-byte vectors
+    up = tl.load(up_ptr + t * LD + f, mask=ok, other=0.0).to(tl.float32)  # 16-byte vectors
     if GATED:
-        gate = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + t * LD + f, mask=ok, other=0.0).to(tl.float32)
         h = _act(gate, ACTIVATION) * up
     else:
         h = _act(up, ACTIVATION)
-    tl.store(h_ptr + offs, tl.where(on, h, 0.0).to(h_ptr.dtype.element_ty), mask=ok)
+    tl.store(h_ptr + t * F + f, tl.where(on, h, 0.0).to(h_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -532,14 +537,29 @@ def sparse_ffn_down(h2d, mask2d, w_down_t, b_down, *, expert_size,
     return y
 
 
+def _dense_gate_up(x2d, w_gate, w_up, b_gate, b_up):
+    """cuBLAS gate, up [T, F] (gate None when not gated). One GEMM for both when W_gate and
+    W_up are one contiguous [2F, d] block (spec.gate_up_pair, as a folded LTEFFN holds them)
+    and have no biases: gate and up are then the column halves of its [T, 2F] output."""
+    F_ = w_up.shape[0]
+    pair = gate_up_pair(w_gate, w_up)
+    if pair is not None and pair.stride(0) == w_up.numel() and b_gate is None and b_up is None:
+        gu = x2d @ pair.view(2 * F_, -1).t()                     # [T, 2F]
+        return gu[:, :F_], gu[:, F_:]
+    up = torch.nn.functional.linear(x2d, w_up, b_up)
+    return (torch.nn.functional.linear(x2d, w_gate, b_gate) if w_gate is not None else None), up
+
+
 def _act_mul_mask(gate, up, mask2d, expert_size, activation):
-    """h = act(gate)·up·mask (gate None: act(up)·mask), one fused elementwise launch."""
+    """h = act(gate)·up·mask (gate None: act(up)·mask), one fused elementwise launch; gate and
+    up may be column slices with a common row stride."""
     T, F = up.shape
+    assert up.stride(1) == 1 and (gate is None or gate.stride() == up.stride()), up.stride()
     mask_u8 = _mask_bytes(mask2d, T, F // expert_size)
-    h = torch.empty_like(up)
-    BLOCK = 1024
-    act_mul_mask_kernel[(triton.cdiv(T * F, BLOCK),)](
-        gate if gate is not None else up, up, mask_u8, T, F, h,
+    h = up.new_empty(T, F)
+    BLOCK = min(1024, triton.next_power_of_2(F))
+    act_mul_mask_kernel[(T, triton.cdiv(F, BLOCK))](
+        gate if gate is not None else up, up, mask_u8, F, up.stride(0), h,
         EXPERT_SIZE=expert_size, ACTIVATION=ACTIVATION_CODES[activation],
         GATED=int(gate is not None), BLOCK=BLOCK, num_warps=4)
     return h
@@ -559,14 +579,14 @@ def sparse_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down, *,
       1 < T < DENSE_MIN_TOKENS:    up kernel (union of the tokens' experts) + cuBLAS on the
                                    masked h for down (the down kernel has too few programs
                                    to stream for several tokens);
-      T >= DENSE_MIN_TOKENS:       cuBLAS for all three projections, one fused kernel for
+      T >= DENSE_MIN_TOKENS:       cuBLAS for all three projections (gate and up as one GEMM
+                                   when paired, _dense_gate_up), one fused kernel for
                                    act(gate)·up·mask (the union is nearly every expert).
     """
     T = x2d.shape[0]
     gated = w_gate is not None
     if T >= DENSE_MIN_TOKENS:
-        up = torch.nn.functional.linear(x2d, w_up, b_up)
-        gate = torch.nn.functional.linear(x2d, w_gate, b_gate) if gated else None
+        gate, up = _dense_gate_up(x2d, w_gate, w_up, b_gate, b_up)
         return _masked_down(_act_mul_mask(gate, up, mask2d, expert_size, activation),
                             w_down_t, b_down)
     h = sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, expert_size=expert_size,

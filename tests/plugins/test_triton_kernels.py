@@ -76,11 +76,15 @@ CASES = [  # T, d, F, s, gated, bias, activation, masks
 KERNEL_IDS = [f"T{c[0]}-d{c[1]}-F{c[2]}-s{c[3]}-{c[6]}-{c[7]}-{p}-{dt}"
               for c in CASES for p in sorted(PATHS) for dt in ("fp32", "fp16")]
 # sparse_ffn with its own dispatch (one token: both kernels; a few: up kernel + matmul;
-# from DENSE_MIN_TOKENS (17) on: matmuls + the fused act·up·mask kernel), fp32.
-WHOLE_OP = [(1, True, True, "silu"), (4, True, True, "silu"), (20, True, True, "silu"),
-            (3, False, True, "gelu"), (17, False, True, "gelu_tanh"), (40, True, False, "relu")]
+# from DENSE_MIN_TOKENS (17) on: matmuls + the fused act·up·mask kernel), fp32; "paired":
+# W_gate and W_up in one [2, F, d] storage (one GEMM for both from 17 tokens on).
+WHOLE_OP = [(1, True, True, "silu", False), (4, True, True, "silu", False),
+            (20, True, True, "silu", False), (3, False, True, "gelu", False),
+            (17, False, True, "gelu_tanh", False), (40, True, False, "relu", False),
+            (1, True, False, "silu", True), (20, True, False, "silu", True),
+            (33, True, True, "gelu", True)]
 WHOLE_OP_IDS = [f"T{T}-{'gated' if g else 'plain'}{'-bias' if b else ''}-{a}"
-                for T, g, b, a in WHOLE_OP]
+                f"{'-paired' if p else ''}" for T, g, b, a, p in WHOLE_OP]
 AOT_T = (1, 16, 64, 4096)         # one T per launch_config bucket
 AOT_IDS = [f"{op}-{dt}-sm{arch}" for op in ("up", "down")   # fp16 compiles like bf16
            for dt, arch in (("bf16", 80), ("bf16", 90), ("fp16", 90), ("fp32", 80), ("fp32", 90))]
@@ -120,9 +124,11 @@ def _run_interpret():
             for i, (c, p, dt) in zip(KERNEL_IDS, ((c, p, dt) for c in CASES
                                                    for p in sorted(PATHS)
                                                    for dt in ("fp32", "fp16")))]
-    for name, (T, gated, bias, act) in zip(WHOLE_OP_IDS, WHOLE_OP):
-        def whole(T=T, gated=gated, bias=bias, act=act):
+    for name, (T, gated, bias, act, paired) in zip(WHOLE_OP_IDS, WHOLE_OP):
+        def whole(T=T, gated=gated, bias=bias, act=act, paired=paired):
             p = _problem(T, 48, 128, 32, gated, bias, torch.float32, "per_token", seed=T)
+            if paired:
+                p["w_gate"], p["w_up"] = torch.stack([p["w_gate"], p["w_up"]])
             y = tk.sparse_ffn(p["x"], p["mask"], p["w_gate"], p["w_up"], p["w_down_t"],
                               p["b_gate"], p["b_up"], p["b_down"], expert_size=32,
                               activation=act)
