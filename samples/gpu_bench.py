@@ -12,7 +12,8 @@
    `plugins.triton_kernels.sparse_ffn`, eager and as CUDA-graph replays, for LLaMA2-7B
    (4096/11008) and SmolLM2-135M (576/1536) in bf16, T = 1, 4, 16, 64, 256, 2048 tokens,
    sparsity 0, 0.25, 0.5, 0.75, 0.9 (per-token random masks with exactly (1-sparsity)·E
-   experts each). For T > 1 the two kernels alone (the TensorRT path) are timed too.
+   experts each; W_gate and W_up paired in one storage as a folded LTEFFN holds them). For
+   T > 1 the two kernels alone (the TensorRT path) are timed too.
 4. One token, the down kernel's two paths side by side (`compact`): the previous
    walk-all-rows path (OLD_DOWN_T1) against the default, which walks the active experts
    only; both shapes, every sparsity, eager and CUDA graph, the pair and the down kernel
@@ -119,17 +120,21 @@ def make_config(op, v, Fdim, s):
 # ---------------------------------------------------------------------------------------
 # Problems
 # ---------------------------------------------------------------------------------------
-def weights(d, Fdim, gated=True, bias=False, dtype=None, seed=0):
+def weights(d, Fdim, gated=True, bias=False, dtype=None, seed=0, paired=True):
+    """paired: W_gate and W_up in one [2, F, d] storage, as a folded LTEFFN holds them."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     dtype = dtype or DTYPE
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype)
 
-    return dict(w_gate=r(Fdim, d, scale=d ** -0.5) if gated else None,
-                w_up=r(Fdim, d, scale=d ** -0.5), w_down_t=r(Fdim, d, scale=Fdim ** -0.5),
-                b_gate=r(Fdim) if gated and bias else None, b_up=r(Fdim) if bias else None,
-                b_down=r(d) if bias else None)
+    w = dict(w_gate=r(Fdim, d, scale=d ** -0.5) if gated else None,
+             w_up=r(Fdim, d, scale=d ** -0.5), w_down_t=r(Fdim, d, scale=Fdim ** -0.5),
+             b_gate=r(Fdim) if gated and bias else None, b_up=r(Fdim) if bias else None,
+             b_down=r(d) if bias else None)
+    if gated and paired:
+        w["w_gate"], w["w_up"] = torch.stack([w["w_gate"], w["w_up"]])
+    return w
 
 
 def random_mask(T, E, sparsity, seed):
@@ -272,7 +277,7 @@ CORRECTNESS = [  # (d, F, s, gated, bias, activation, dtype, T list, mask kinds)
 
 def check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed, up_cfg=None, down_cfg=None):
     """Kernels (poisoned outputs) and the whole op against the reference; returns errors."""
-    w = weights(d, Fdim, gated, bias, dtype, seed)
+    w = weights(d, Fdim, gated, bias, dtype, seed, paired=seed % 2 == 0)
     g = torch.Generator(device=DEV).manual_seed(seed + 1)
     x = torch.randn(T, d, generator=g, device=DEV).to(dtype)
     mask = kind_mask(kind, T, Fdim // s, seed)
@@ -297,6 +302,7 @@ def check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed, up_cfg=None, d
                              w["b_up"], w["b_down"], expert_size=s, activation=act)
         y_op_ref = sparse_ffn_down_reference(h_ref, mask, w["w_down_t"], w["b_down"], s)
         res["op_rel"] = rel_err(y_op, y_op_ref) if kind != "off" or bias else 0.0
+    res["paired"] = gated and seed % 2 == 0
     tol = TOL[dtype]
     res["ok"] = (res["h_skipped_zero"] and res["h_rel"] <= tol and res["y_rel"] <= tol
                  and res.get("op_rel", 0.0) <= 2 * tol)
