@@ -38,6 +38,8 @@ waits for a descheduled thread, often for milliseconds.)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -108,6 +110,7 @@ def _plan(union: torch.Tensor, s: int, gap: int = 0):
     return starts, runs, _rows(experts, s), experts, merged
 
 
+@functools.lru_cache(maxsize=64)
 def _full_plan(E: int, s: int):
     """The plan of one block over all experts, masked per token (a dense GEMM per matrix)."""
     experts = torch.arange(E)
@@ -134,9 +137,9 @@ def _activate(gate, up, b_gate, b_up, rows, activation):
     return ACT_FNS[activation](gate).mul_(up)
 
 
-def _sparse_plan(mask2, union, w_gate, w_up, s):
+def _sparse_plan(mask2, union, w_up, gated: bool, stacks: int, s):
     """The plan of the blocks to compute, or None for the dense path (F.linear per matrix,
-    then the per-token mask).
+    then the per-token mask). stacks: how many GEMM calls a block costs (len(_stacks)).
 
     The blocks of the union's runs when the cost model prefers them to one block of every
     row, else that one block (_full_plan) for fp32 batches of up to SMALL_N tokens (W @ xᵀ
@@ -145,18 +148,18 @@ def _sparse_plan(mask2, union, w_gate, w_up, s):
     small per-block GEMMs measured slower than dense at every sparsity up to 0.9,
     results/cpu_bench.md), skips the runs."""
     n, E = mask2.shape[0], union.numel()
-    gated = w_gate is not None
-    full = _full_plan(E, s) if n <= SMALL_N and w_up.dtype == torch.float32 else None
+    small = n <= SMALL_N and w_up.dtype == torch.float32
     if n > 1 and (w_up.dtype != torch.float32 or int(union.sum()) > DENSE_UNION * E):
-        return full
-    stacks = len(_stacks(w_gate, w_up))
+        return _full_plan(E, s) if small else None
     plan = _plan(union, s, max_gap(w_up, stacks, gated, s, n))
     runs = plan[1]
     call = CALL_US.get(w_up.dtype, CALL_US_DEFAULT)
     row_us = w_up.shape[1] * w_up.element_size() / (STREAM_GBPS * 1e3)   # one row, one matrix
     costs = (stacks, 2 if gated else 1, n, call, row_us)
     sparse = _cost(len(runs), sum(runs), *costs)
-    return plan if sparse < _cost(1, w_up.shape[0], *costs) else full
+    if sparse < _cost(1, w_up.shape[0], *costs):
+        return plan
+    return _full_plan(E, s) if small else None
 
 
 def _stacks(w_gate, w_up):
@@ -189,14 +192,13 @@ def _gemms(w, starts, runs, xt):
     return out
 
 
-def _up_packed(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation, plan):
-    """h packed [A, n] in x's dtype for the plan's blocks (see _plan)."""
+def _up_packed(x2, mask2, stacks, gated, b_gate, b_up, s, activation, plan):
+    """h packed [A, n] in x's dtype for the plan's blocks (see _plan); stacks: _stacks()."""
     n = x2.shape[0]
-    gated = w_gate is not None
     starts, runs, rows, experts, merged = plan
     xt = x2.t()                                                  # [d, n]
-    stacks = [_gemms(w, starts, runs, xt) for w in _stacks(w_gate, w_up)]
-    buf = stacks[0] if len(stacks) == 1 else torch.cat(stacks)   # [2|1, A, n]: gate^T, up^T
+    outs = [_gemms(w, starts, runs, xt) for w in stacks]
+    buf = outs[0] if len(outs) == 1 else torch.cat(outs)         # [2|1, A, n]: gate^T, up^T
     h = _activate(buf[0] if gated else None, buf[-1], b_gate, b_up, rows, activation)
     if n > 1 or merged:                                          # zero what a token skipped
         h.mul_(mask2.index_select(1, experts).t().repeat_interleave(s, dim=0))   # [A, n]
@@ -243,14 +245,15 @@ def sparse_ffn_up(x, mask, w_gate, w_up, b_gate, b_up, expert_size, activation):
     """Masked h [..., F] (zeros outside each token's experts); reads the union's rows only."""
     d, F_, s = x.shape[-1], w_up.shape[0], expert_size
     x2, mask2 = x.reshape(-1, d), mask.reshape(-1, F_ // s)
-    plan = _sparse_plan(mask2, _union(mask2), w_gate, w_up, s)
+    gated, stacks = w_gate is not None, _stacks(w_gate, w_up)
+    plan = _sparse_plan(mask2, _union(mask2), w_up, gated, len(stacks), s)
     if plan is None:
         h = _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation)
     else:
         h = x2.new_zeros(x2.shape[0], F_)
         if plan[1]:
             rows = plan[2]
-            h[:, rows] = _up_packed(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation,
+            h[:, rows] = _up_packed(x2, mask2, stacks, gated, b_gate, b_up, s, activation,
                                     plan).t()
     return h.view(*x.shape[:-1], F_)
 
@@ -273,12 +276,13 @@ def sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_siz
     """y [..., d]: the whole FFN, reading only the weights of the union's active experts."""
     d, F_, s = x.shape[-1], w_up.shape[0], expert_size
     x2, mask2 = x.reshape(-1, d), mask.reshape(-1, F_ // s)
-    plan = _sparse_plan(mask2, _union(mask2), w_gate, w_up, s)
+    gated, stacks = w_gate is not None, _stacks(w_gate, w_up)
+    plan = _sparse_plan(mask2, _union(mask2), w_up, gated, len(stacks), s)
     if plan is None:
         h = _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation)
         return F.linear(h, w_down_t.t(), b_down).view(x.shape)
     starts, runs, rows, _, _ = plan
     if not runs:                                              # no expert active anywhere
         return _bias_only(x2.shape[0], d, b_down, x2).view(x.shape)
-    h = _up_packed(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation, plan)
+    h = _up_packed(x2, mask2, stacks, gated, b_gate, b_up, s, activation, plan)
     return _down_packed(h, starts, runs, rows, w_down_t, b_down).view(x.shape)

@@ -198,16 +198,17 @@ def test_sparse_path_at_real_shapes(monkeypatch):
     for F_, d in [(1536, 576), (11008, 4096)]:
         E = F_ // 32
         union = torch.arange(E) % 4 < 2                           # half on, in pairs
-        for gate, up in [(torch.empty(F_, d), torch.empty(F_, d)), tuple(torch.empty(2, F_, d))]:
-            starts, runs, _, _, merged = cpu._sparse_plan(union[None], union, gate, up, 32)
+        for stacks in (1, 2):                                      # paired or not
+            starts, runs, _, _, merged = cpu._sparse_plan(union[None], union,
+                                                          torch.empty(F_, d), True, stacks, 32)
             assert runs == [64] * (E // 4) and starts == list(range(0, F_, 128))
             assert merged is False
     half = torch.arange(48) % 2 == 0
     bf16 = torch.empty(1536, 576, dtype=torch.bfloat16)
-    assert cpu._sparse_plan(half[None].expand(2, 48), half, bf16, bf16, 32) is None
+    assert cpu._sparse_plan(half[None].expand(2, 48), half, bf16, True, 2, 32) is None
     full = torch.ones(48, dtype=torch.bool)
     w = torch.empty(1536, 576)
     for n in range(1, cpu.SMALL_N + 1):
-        plan = cpu._sparse_plan(full[None].expand(n, 48), full, w, w, 32)
+        plan = cpu._sparse_plan(full[None].expand(n, 48), full, w, True, 1, 32)
         assert plan[:2] == ([0], [1536]) and plan[4] is True
-    assert cpu._sparse_plan(full[None].expand(cpu.SMALL_N + 1, 48), full, w, w, 32) is None
+    assert cpu._sparse_plan(full[None].expand(cpu.SMALL_N + 1, 48), full, w, True, 1, 32) is None
