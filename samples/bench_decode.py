@@ -25,10 +25,13 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from converter.errors import UserError
 
 PROMPT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to "
           "suffer the slings and arrows of outrageous fortune, or to take arms against a sea "
@@ -129,6 +132,8 @@ def time_generate(model, ids, new_tokens, clock):
     t = clock()
     out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False)
+    if out.is_cuda:
+        torch.cuda.synchronize()
     dt = clock() - t
     assert out.shape[1] - ids["input_ids"].shape[1] == new_tokens
     return dt
@@ -143,12 +148,17 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu|cuda (eager generate(); on CUDA the "
+                   "op's two Triton launches per layer are timed with their Python overhead)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: process CPU time with 1 thread (robust on a shared machine)")
     p.add_argument("--record-masks", default=None, help="save the LTE masks here (safetensors)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.clock == "cpu":
+        if args.device != "cpu":
+            raise UserError("--clock cpu measures CPU time and is for --device cpu only; use "
+                            "--clock wall with --device cuda.")
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +166,8 @@ def main(argv=None):
 
     import plugins  # noqa: F401
     dense, lte, tok, meta = load_models(args)
-    ids = tok(PROMPT, return_tensors="pt")
+    dense, lte = dense.to(args.device), lte.to(args.device)
+    ids = tok(PROMPT, return_tensors="pt").to(args.device)
     recorder = MaskRecorder(lte)
     time_generate(lte, ids, args.new_tokens, clock)            # warm-up, and the masks
     recorder.remove()
@@ -171,6 +182,7 @@ def main(argv=None):
            "speedup": tps["lte"] / tps["dense"], "new_tokens": args.new_tokens,
            "prompt_tokens": int(ids["input_ids"].shape[1]), "reps": args.reps,
            "clock": args.clock, "threads": torch.get_num_threads(), "dtype": args.dtype,
+           "device": args.device,
            "target_sparsity": args.sparsity,
            "decode_sparsity_mean": statistics.mean(sparsity),
            "decode_sparsity_per_layer": sparsity, "torch": torch.__version__, **meta}
@@ -192,4 +204,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:                  # one paragraph, no traceback (as lte-convert)
+        sys.exit(f"error: {e}")

@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -282,4 +283,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:                  # one paragraph, no traceback (as lte-convert)
+        sys.exit(f"error: {e}")
