@@ -26,6 +26,8 @@ import click
               help="cpu: process CPU time with 1 thread (for a machine shared with other jobs).")
 @click.option("--masks", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Recorded masks (safetensors, layer.<i> [tokens, E]) instead of random ones.")
+@click.option("--unpaired", is_flag=True, help="W_gate and W_up as two separate tensors "
+              "(default: one [2, F, d] storage, as a folded LTE model holds them).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the results as JSON here.")
 @click.option("--decode", is_flag=True, help="Instead: tokens/s of generate(), dense vs LTE, "
@@ -35,7 +37,7 @@ import click
 @click.option("--new-tokens", type=int, default=32, show_default=True,
               help="With --decode: tokens to generate.")
 def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, threads, clock, masks,
-          json_path, decode, model, new_tokens):
+          unpaired, json_path, decode, model, new_tokens):
     """Benchmark lte.SparseFFN against dense PyTorch; prints a table, writes JSON."""
     if decode:
         from samples import bench_decode
@@ -44,7 +46,8 @@ def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, thread
                 "--dtype", dtype or "float32"]
         sp = [float(v) for v in sparsity.split(",")]
         argv += ["--sparsity", str(sp[0] if len(sp) == 1 else 0.5)]
-        for flag, value in (("--model", model), ("--threads", threads), ("--json", json_path)):
+        for flag, value in (("--model", model), ("--threads", threads), ("--json", json_path),
+                            ("--device", device)):
             if value is not None:
                 argv += [flag, str(value)]
         bench_decode.main(argv)
@@ -56,4 +59,4 @@ def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, thread
                         ("--threads", threads), ("--masks", masks), ("--json", json_path)):
         if value is not None:
             argv += [flag, str(value)]
-    bench_ffn.main(argv)
+    bench_ffn.main(argv + ["--unpaired"] * unpaired)

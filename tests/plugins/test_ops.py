@@ -246,6 +246,12 @@ def test_bench_command_writes_json(tmp_path, capsys):
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and 0 < r["union_density"] <= 1
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
     assert rows[0]["union_density"] == 1.0 and rows[1]["union_density"] < 0.5
+    assert all(r["gate_up_paired"] for r in rows)
+    result = CliRunner().invoke(bench, ["--shapes", "smollm2", "--tokens", "1", "--sparsity",
+                                        "0.5", "--layers", "2", "--reps", "1", "--device",
+                                        "cpu", "--unpaired", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["rows"][0]["gate_up_paired"] is False
 
 
 def test_bench_command_unknown_shape_is_a_user_error():
