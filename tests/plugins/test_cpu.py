@@ -192,8 +192,8 @@ def test_gap_cost_model_at_real_shapes(monkeypatch):
 
 def test_sparse_path_at_real_shapes(monkeypatch):
     """The default cost model keeps the sparse blocks for one fp32 token at SmolLM2 and
-    LLaMA2-7B shapes at 50% sparsity, paired or not; a full union is one block for fp32
-    batches up to SMALL_N tokens and F.linear (None) past them or in bf16."""
+    LLaMA2-7B shapes at 50% sparsity, paired or not; a full union is one block for one token
+    and fp32 batches up to SMALL_N tokens, F.linear (None) past them or for bf16 batches."""
     monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0)
     for F_, d in [(1536, 576), (11008, 4096)]:
         E = F_ // 32
@@ -212,3 +212,5 @@ def test_sparse_path_at_real_shapes(monkeypatch):
         plan = cpu._sparse_plan(full[None].expand(n, 48), full, w, True, 1, 32)
         assert plan[:2] == ([0], [1536]) and plan[4] is True
     assert cpu._sparse_plan(full[None].expand(cpu.SMALL_N + 1, 48), full, w, True, 1, 32) is None
+    plan = cpu._sparse_plan(full[None], full, bf16, True, 2, 32)            # one bf16 token
+    assert plan[:2] == ([0], [1536]) and plan[4] is True
