@@ -27,8 +27,9 @@ MKL's GEMV at ≈17 GB/s while torch.bmm with a batch of 2 (MKL's batched GEMM) 
 calls (SmolLM2 layer at 0.5: 0.40 ms unpaired, 0.31 ms paired, dense 0.60 ms); the down
 projection of a single token goes through embedding_bag, which streams faster than the GEMV
 (fp32 and bf16); a Python-level call costs ≈2–3 µs, so the per-call planning is a handful of
-ops (one nonzero; blocks grouped in Python). Up to SMALL_N fp32 tokens, W @ xᵀ as a bmm is
-≈2x faster than F.linear even over every row, so a full union is one block there; past that,
+ops (one nonzero; blocks grouped in Python). For small fp32 batches (_bmm_batch), W @ xᵀ as a
+bmm is up to 2x faster than F.linear even over every row, so a full union is one block there;
+past that,
 or in bf16/fp16, a batch whose union covers most experts (prefill) gets one dense F.linear
 per matrix, the per-token mask, one F.linear.
 
@@ -49,10 +50,12 @@ from plugins.spec import gate_up_pair
 # Above this fraction of active experts in a multi-token batch's union, one dense GEMM per
 # matrix is used instead of one per run.
 DENSE_UNION = 0.9
-# Up to this many fp32 tokens, W @ xᵀ as a batched GEMM (_gemms) beats F.linear's x @ Wᵀ
-# even over every row (measured, gate+up: SmolLM2 1.8–2.1x at 1–4 tokens; LLaMA2-7B 1.2x at
-# 1, 1.4x at 2, but 0.8x at 4 and 0.7x at 8 tokens, where MKL's GEMM for x @ Wᵀ wins).
-SMALL_N = 2
+# W @ xᵀ as a batched GEMM (_gemms) beats F.linear's x @ Wᵀ over every row of W_gate and W_up
+# for fp32 batches of up to 2 tokens, or while tokens × d ≤ SMALL_ND (measured, gate+up,
+# results/cpu_bench.md: d = 576, 1536, 2048, 3072, 4096 at 1–8 tokens; e.g. 2.0x at 576 and
+# 1.6x at 1536 for 4 tokens, 0.79x at 2048 for 4 and 0.71x at 1536 for 8, where MKL's GEMM
+# for x @ Wᵀ wins).
+SMALL_ND = 6144
 # Cost model for merging runs across short gaps (measured on the development machine): a
 # GEMM call on a run costs about CALL_US µs besides its bytes (bf16/fp16 matmuls of a few
 # dozen rows go through a oneDNN primitive that costs ≈12 µs per call; fp32 MKL ≈2 µs), and
@@ -137,6 +140,11 @@ def _activate(gate, up, b_gate, b_up, rows, activation):
     return ACT_FNS[activation](gate).mul_(up)
 
 
+def _bmm_batch(n: int, d: int) -> bool:
+    """Whether n fp32 tokens of width d are faster as W @ xᵀ (bmm) than as F.linear."""
+    return n <= 2 or n * d <= SMALL_ND
+
+
 def _sparse_plan(mask2, union, w_up, gated: bool, stacks: int, s):
     """The plan of the blocks to compute, or None for the dense path (F.linear per matrix,
     then the per-token mask). stacks: how many GEMM calls a block costs (len(_stacks)).
@@ -144,12 +152,12 @@ def _sparse_plan(mask2, union, w_up, gated: bool, stacks: int, s):
     The blocks of the union's runs when the cost model prefers them to one block of every
     row, else that one block (_full_plan) for one token (its down projection is one
     embedding_bag, in bf16 4x faster than F.linear over W_down_t's layout at LLaMA2-7B's
-    shape) and for fp32 batches of up to SMALL_N tokens (W @ xᵀ as a batched GEMM streams
-    the weights ≈2x faster there than F.linear's x @ Wᵀ), else None. A batch whose union covers more than DENSE_UNION, or a bf16/fp16 batch (their
+    shape) and for small fp32 batches (_bmm_batch: W @ xᵀ as a batched GEMM streams the
+    weights up to 2x faster there than F.linear's x @ Wᵀ), else None. A batch whose union covers more than DENSE_UNION, or a bf16/fp16 batch (their
     small per-block GEMMs measured slower than dense at every sparsity up to 0.9,
     results/cpu_bench.md), skips the runs."""
     n, E = mask2.shape[0], union.numel()
-    small = n == 1 or (n <= SMALL_N and w_up.dtype == torch.float32)
+    small = n == 1 or (w_up.dtype == torch.float32 and _bmm_batch(n, w_up.shape[1]))
     if n > 1 and (w_up.dtype != torch.float32 or int(union.sum()) > DENSE_UNION * E):
         return _full_plan(E, s) if small else None
     plan = _plan(union, s, max_gap(w_up, stacks, gated, s, n))

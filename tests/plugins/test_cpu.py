@@ -155,9 +155,9 @@ def paired(w):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["on", "one", "random", "sparse"])
-@pytest.mark.parametrize("lead", [(1,), (2,), (3,), (9,)])
+@pytest.mark.parametrize("lead", [(1,), (2,), (3,), (9,), (160,)])
 def test_paired_weights_match_reference(dtype, kind, lead):
-    """Paired W_gate/W_up (one bmm per block) and batches up to and past SMALL_N (the one
+    """Paired W_gate/W_up (one bmm per block) and batches up to and past _bmm_batch (the one
     block over every row) against the reference."""
     w = paired(weights(40, 320, True, True, dtype))
     x = torch.randn(*lead, 40).to(dtype)
@@ -193,7 +193,7 @@ def test_gap_cost_model_at_real_shapes(monkeypatch):
 def test_sparse_path_at_real_shapes(monkeypatch):
     """The default cost model keeps the sparse blocks for one fp32 token at SmolLM2 and
     LLaMA2-7B shapes at 50% sparsity, paired or not; a full union is one block for one token
-    and fp32 batches up to SMALL_N tokens, F.linear (None) past them or for bf16 batches."""
+    and small fp32 batches (_bmm_batch), F.linear (None) past them or for bf16 batches."""
     monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0)
     for F_, d in [(1536, 576), (11008, 4096)]:
         E = F_ // 32
@@ -208,9 +208,12 @@ def test_sparse_path_at_real_shapes(monkeypatch):
     assert cpu._sparse_plan(half[None].expand(2, 48), half, bf16, True, 2, 32) is None
     full = torch.ones(48, dtype=torch.bool)
     w = torch.empty(1536, 576)
-    for n in range(1, cpu.SMALL_N + 1):
+    for n in range(1, 11):                                     # 576 wide: up to 10 tokens
         plan = cpu._sparse_plan(full[None].expand(n, 48), full, w, True, 1, 32)
         assert plan[:2] == ([0], [1536]) and plan[4] is True
-    assert cpu._sparse_plan(full[None].expand(cpu.SMALL_N + 1, 48), full, w, True, 1, 32) is None
+    assert cpu._sparse_plan(full[None].expand(11, 48), full, w, True, 1, 32) is None
+    for n, d, bmm in [(2, 4096, True), (4, 4096, False), (4, 1536, True), (4, 2048, False),
+                      (8, 1536, False), (8, 576, True), (16, 576, False)]:
+        assert cpu._bmm_batch(n, d) is bmm, (n, d)
     plan = cpu._sparse_plan(full[None], full, bf16, True, 2, 32)            # one bf16 token
     assert plan[:2] == ([0], [1536]) and plan[4] is True
