@@ -128,10 +128,10 @@ def load_models(args):
 
 
 @torch.no_grad()
-def time_generate(model, ids, new_tokens, clock):
+def time_generate(model, ids, new_tokens, clock, **generate_kwargs):
     t = clock()
     out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False)
+                         do_sample=False, **generate_kwargs)
     if out.is_cuda:
         torch.cuda.synchronize()
     dt = clock() - t
@@ -152,6 +152,9 @@ def main(argv=None):
                    "op's two Triton launches per layer are timed with their Python overhead)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: process CPU time with 1 thread (robust on a shared machine)")
+    p.add_argument("--static-cache", action="store_true", help="generate() with a static KV "
+                   "cache; on CUDA transformers then compiles the forward into CUDA graphs "
+                   "(the warm-up call compiles, the timed calls replay)")
     p.add_argument("--record-masks", default=None, help="save the LTE masks here (safetensors)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -168,21 +171,23 @@ def main(argv=None):
     dense, lte, tok, meta = load_models(args)
     dense, lte = dense.to(args.device), lte.to(args.device)
     ids = tok(PROMPT, return_tensors="pt").to(args.device)
+    kw = {"cache_implementation": "static"} if args.static_cache else {}
     recorder = MaskRecorder(lte)
-    time_generate(lte, ids, args.new_tokens, clock)            # warm-up, and the masks
+    time_generate(lte, ids, args.new_tokens, clock)            # the masks, eager
     recorder.remove()
-    time_generate(dense, ids, args.new_tokens, clock)
+    time_generate(lte, ids, args.new_tokens, clock, **kw)      # warm-up (compiles if static)
+    time_generate(dense, ids, args.new_tokens, clock, **kw)
     times = {"dense": [], "lte": []}
     for _ in range(args.reps):
-        times["dense"].append(time_generate(dense, ids, args.new_tokens, clock))
-        times["lte"].append(time_generate(lte, ids, args.new_tokens, clock))
+        times["dense"].append(time_generate(dense, ids, args.new_tokens, clock, **kw))
+        times["lte"].append(time_generate(lte, ids, args.new_tokens, clock, **kw))
     tps = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
     sparsity = recorder.decode_sparsity()
     row = {"tokens_per_s_dense": tps["dense"], "tokens_per_s_lte": tps["lte"],
            "speedup": tps["lte"] / tps["dense"], "new_tokens": args.new_tokens,
            "prompt_tokens": int(ids["input_ids"].shape[1]), "reps": args.reps,
            "clock": args.clock, "threads": torch.get_num_threads(), "dtype": args.dtype,
-           "device": args.device,
+           "device": args.device, "static_cache": args.static_cache,
            "target_sparsity": args.sparsity,
            "decode_sparsity_mean": statistics.mean(sparsity),
            "decode_sparsity_per_layer": sparsity, "torch": torch.__version__, **meta}

@@ -225,6 +225,31 @@ def test_folded_model_generate_runs_the_op(family):
         torch.testing.assert_close(model(out).logits, hard(out).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_folded_model_compiled_static_cache_generate_matches_eager():
+    """CUDA-graph decoding (docs/kernels.md): on CUDA, generate(cache_implementation="static")
+    compiles the forward by itself (mode "reduce-overhead"). The same path, forced on CPU
+    with a full graph, traces the op and gives the eager tokens."""
+    from transformers import CompileConfig
+
+    from converter.checkpoint import fold
+    from converter.surgery import convert_model
+    from tests.tiny_models import random_ids, tiny_model
+
+    model = convert_model(tiny_model("llama")[0], expert_size=8).eval()
+    fold(model, [0.0] * len(model.model.layers))
+    ids = random_ids(batch=1, seq=6)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True          # transformers compiles on CUDA only
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(out, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # it did compile
+
+
 # ---------------------------------------------------------------------------------------------
 # `lte-convert bench` (plugins/cli.py over samples/bench_ffn.py): runs, writes its JSON
 # ---------------------------------------------------------------------------------------------
