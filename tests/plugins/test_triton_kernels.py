@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and "--interpret" in sys.argv:
+if __name__ == "__main__" and {"--interpret", "--interpret-real"} & set(sys.argv):
     os.environ["TRITON_INTERPRET"] = "1"   # before torch/triton are imported
 
 import json  # noqa: E402
@@ -182,6 +182,32 @@ def _run_aot():
     return out
 
 
+REAL_SHAPES = {"llama2-7b": (4096, 11008, 32), "smollm2": (576, 1536, 32)}
+
+
+def _run_interpret_real():
+    """One token through the default launch configs at real shapes (LLaMA2-7B's is ≈3 min
+    under the interpreter), outputs NaN-poisoned first; fp32 and fp16."""
+    import plugins.triton_kernels as tk
+
+    out = {}
+    for name, (d, F, s) in REAL_SHAPES.items():
+        for dt in ("fp32", "fp16"):
+            p = _problem(1, d, F, s, True, False, DTYPES[dt], "per_token", seed=d)
+            h = torch.full((1, F), float("nan"), dtype=DTYPES[dt])
+            tk.sparse_ffn_up(p["x"], p["mask"], p["w_gate"], p["w_up"], None, None,
+                             expert_size=s, activation="silu", gated=True, out=h)
+            h_ref = sparse_ffn_up_reference(p["x"], p["mask"], p["w_gate"], p["w_up"], None,
+                                            None, s, "silu", True)
+            y = torch.full((1, d), float("nan"), dtype=DTYPES[dt])
+            tk.sparse_ffn_down(h_ref, p["mask"], p["w_down_t"], None, expert_size=s, out=y)
+            y_ref = sparse_ffn_down_reference(h_ref, p["mask"], p["w_down_t"], None, s)
+            out[f"{name}-{dt}"] = {"h_rel": _rel(h, h_ref), "y_rel": _rel(y, y_ref),
+                                   "compact": tk.launch_config("down", 1, d, F, s,
+                                                               DTYPES[dt]).compact}
+    return out
+
+
 def _subprocess(flag):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
@@ -208,6 +234,16 @@ def interpreted():
 @pytest.fixture(scope="module")
 def aot():
     return _subprocess("--aot")
+
+
+@pytest.mark.slow
+def test_default_configs_at_real_shapes_under_the_interpreter():
+    """The one-token configs the GPU runs (compact down) at LLaMA2-7B and SmolLM2 shapes."""
+    res = _subprocess("--interpret-real")
+    assert set(res) == {f"{n}-{dt}" for n in REAL_SHAPES for dt in ("fp32", "fp16")}
+    for name, r in res.items():
+        tol = TOL[name.rsplit("-", 1)[1]]
+        assert r["h_rel"] <= tol and r["y_rel"] <= tol and r["compact"] > 0, (name, r)
 
 
 @pytest.mark.parametrize("case_id", KERNEL_IDS)
@@ -277,5 +313,6 @@ def test_launchers_reject_bad_inputs_with_the_shapes():
 
 
 if __name__ == "__main__":
-    result = _run_interpret() if "--interpret" in sys.argv else _run_aot()
-    print(json.dumps(result))
+    runs = {"--interpret": _run_interpret, "--interpret-real": _run_interpret_real,
+            "--aot": _run_aot}
+    print(json.dumps(runs[sys.argv[1]]()))
