@@ -153,9 +153,9 @@ def _sparse_plan(mask2, union, w_up, gated: bool, stacks: int, s):
     row, else that one block (_full_plan) for one token (its down projection is one
     embedding_bag, in bf16 4x faster than F.linear over W_down_t's layout at LLaMA2-7B's
     shape) and for small fp32 batches (_bmm_batch: W @ xᵀ as a batched GEMM streams the
-    weights up to 2x faster there than F.linear's x @ Wᵀ), else None. A batch whose union covers more than DENSE_UNION, or a bf16/fp16 batch (their
-    small per-block GEMMs measured slower than dense at every sparsity up to 0.9,
-    results/cpu_bench.md), skips the runs."""
+    weights up to 2x faster there than F.linear's x @ Wᵀ), else None. A batch whose union
+    covers more than DENSE_UNION, or a bf16/fp16 batch (their small per-block GEMMs measured
+    slower than dense at every sparsity up to 0.9, results/cpu_bench.md), skips the runs."""
     n, E = mask2.shape[0], union.numel()
     small = n == 1 or (w_up.dtype == torch.float32 and _bmm_batch(n, w_up.shape[1]))
     if n > 1 and (w_up.dtype != torch.float32 or int(union.sum()) > DENSE_UNION * E):
