@@ -2,13 +2,14 @@
 
     python -m samples.bench_decode                     # SmolLM2-135M sample, 0.5 sparsity
     python -m samples.bench_decode --model LTE_DIR     # a saved LTE checkpoint (folded)
+    python -m samples.bench_decode --device cuda --dtype bfloat16 [--static-cache]
 
 Without --model, the embedded SmolLM2-135M (samples/default.py) is converted here
 (converter.surgery.convert_model: k-means experts of 32, routers at their initialisation) and
 folded with per-layer offsets calibrated on the decode steps of another text so that each
-layer keeps 1 − sparsity of its experts on average. The routers are untrained, so the text it writes is
-not what a trained LTE model writes; the speed of the sparse FFN path is what is measured,
-with the sparsity each layer actually had during decoding reported beside it.
+layer keeps 1 − sparsity of its experts on average. The routers are untrained, so the text it
+writes is not what a trained LTE model writes; the speed of the sparse FFN path is what is
+measured, with the sparsity each layer actually had during decoding reported beside it.
 
 With --model, the LTE checkpoint is loaded with converter.checkpoint.load_lte_model and the
 dense baseline is the same folder loaded by plain `from_pretrained` (the permuted dense
