@@ -249,12 +249,19 @@ def _bias_only(n, d, b_down, like):
     return y + b_down if b_down is not None else y
 
 
+def _prepare(x, mask, w_gate, w_up, s):
+    """x [n, d] and mask [n, E] (leading dims flattened), the up weights' stacks (_stacks)
+    and the plan (_sparse_plan) of one call of the op or its up half."""
+    x2, mask2 = x.reshape(-1, x.shape[-1]), mask.reshape(-1, w_up.shape[0] // s)
+    stacks = _stacks(w_gate, w_up)
+    plan = _sparse_plan(mask2, _union(mask2), w_up, w_gate is not None, len(stacks), s)
+    return x2, mask2, stacks, plan
+
+
 def sparse_ffn_up(x, mask, w_gate, w_up, b_gate, b_up, expert_size, activation):
     """Masked h [..., F] (zeros outside each token's experts); reads the union's rows only."""
-    d, F_, s = x.shape[-1], w_up.shape[0], expert_size
-    x2, mask2 = x.reshape(-1, d), mask.reshape(-1, F_ // s)
-    gated, stacks = w_gate is not None, _stacks(w_gate, w_up)
-    plan = _sparse_plan(mask2, _union(mask2), w_up, gated, len(stacks), s)
+    F_, s, gated = w_up.shape[0], expert_size, w_gate is not None
+    x2, mask2, stacks, plan = _prepare(x, mask, w_gate, w_up, s)
     if plan is None:
         h = _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation)
     else:
@@ -282,10 +289,8 @@ def sparse_ffn_down(h, mask, w_down_t, b_down, expert_size):
 
 def sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size, activation):
     """y [..., d]: the whole FFN, reading only the weights of the union's active experts."""
-    d, F_, s = x.shape[-1], w_up.shape[0], expert_size
-    x2, mask2 = x.reshape(-1, d), mask.reshape(-1, F_ // s)
-    gated, stacks = w_gate is not None, _stacks(w_gate, w_up)
-    plan = _sparse_plan(mask2, _union(mask2), w_up, gated, len(stacks), s)
+    d, s, gated = x.shape[-1], expert_size, w_gate is not None
+    x2, mask2, stacks, plan = _prepare(x, mask, w_gate, w_up, s)
     if plan is None:
         h = _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation)
         return F.linear(h, w_down_t.t(), b_down).view(x.shape)
