@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib
 import sys
-import textwrap
 
 import click
 
-from converter.errors import UserError
+from converter.errors import UserError, exit_with
 
 # command name -> "module:attribute"; the attribute is a click.Command.
 COMMANDS = {
@@ -66,8 +65,7 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="lte-convert", standalone_mode=False)
     except UserError as e:
-        click.echo(textwrap.fill(f"error: {e}", width=100), err=True)
-        sys.exit(2)
+        exit_with(e)
     except click.exceptions.Abort:
         click.echo("Interrupted; the last checkpoint (if any) is kept. Use --resume to go on.", err=True)
         sys.exit(130)

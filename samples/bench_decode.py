@@ -26,13 +26,12 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from converter.errors import UserError
+from converter.errors import UserError, exit_with
 
 PROMPT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to "
           "suffer the slings and arrows of outrageous fortune, or to take arms against a sea "
@@ -212,5 +211,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:                  # one paragraph, no traceback (as lte-convert)
-        sys.exit(f"error: {e}")
+    except UserError as e:
+        exit_with(e)

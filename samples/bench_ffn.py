@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import plugins  # noqa: F401  (registers torch.ops.lte)
-from converter.errors import UserError
+from converter.errors import UserError, exit_with
 from plugins.reference import ACT_FNS
 
 # name -> (d, d_ff, layers in the model)
@@ -285,5 +284,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except UserError as e:                  # one paragraph, no traceback (as lte-convert)
-        sys.exit(f"error: {e}")
+    except UserError as e:
+        exit_with(e)
