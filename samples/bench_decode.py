@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -158,14 +157,8 @@ def main(argv=None):
     p.add_argument("--record-masks", default=None, help="save the LTE masks here (safetensors)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.clock == "cpu":
-        if args.device != "cpu":
-            raise UserError("--clock cpu measures CPU time and is for --device cpu only; use "
-                            "--clock wall with --device cuda.")
-        args.threads = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    from samples.bench_ffn import set_up_clock
+    clock = set_up_clock(args, torch.device(args.device).type)
 
     import plugins  # noqa: F401
     dense, lte, tok, meta = load_models(args)

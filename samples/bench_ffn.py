@@ -142,7 +142,7 @@ def time_pair(run_dense, run_sparse, reps, device, graphs, clock=time.perf_count
     return res
 
 
-def bench_one(shape_name, sparsity, tokens, args, layers, device):
+def bench_one(shape_name, sparsity, tokens, args, layers, device, clock):
     d, F_, _ = SHAPES[shape_name]
     E = F_ // EXPERT_SIZE
     n = len(layers)
@@ -164,7 +164,7 @@ def bench_one(shape_name, sparsity, tokens, args, layers, device):
 
     with torch.inference_mode():
         t = time_pair(run_dense, run_sparse, args.reps, device, graphs=device.type == "cuda",
-                      clock=time.process_time if args.clock == "cpu" else time.perf_counter)
+                      clock=clock)
     union = statistics.mean(float(m.any(0).float().mean()) for m in masks)
     if args.masks:                                  # the recorded masks' own mean sparsity
         sparsity = 1.0 - statistics.mean(float(m.float().mean()) for m in masks)
@@ -242,17 +242,24 @@ def parser():
     return p
 
 
+def set_up_clock(args, device_type: str):
+    """Apply --clock and --threads (bench_decode shares this): `cpu` is process CPU time with
+    one thread, for CPU runs only. Returns the clock function."""
+    if args.clock == "cpu":
+        if device_type != "cpu":
+            raise UserError("--clock cpu measures CPU time and is for CPU runs only; use "
+                            "--clock wall with --device cuda.")
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return time.process_time if args.clock == "cpu" else time.perf_counter
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
-    if args.clock == "cpu":
-        if device.type != "cpu":
-            raise UserError("--clock cpu measures CPU time and is for CPU runs only; use "
-                            "--clock wall (CUDA events) with --device cuda.")
-        args.threads = 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = set_up_clock(args, device.type)
     rows = []
     for shape_name in args.shapes.split(","):
         if shape_name not in SHAPES:
@@ -264,7 +271,7 @@ def main(argv=None):
         layers = make_layers(d, F_, n, args.dtype, device, paired=not args.unpaired)
         for tokens in args.tokens:
             for sparsity in ([None] if args.masks else args.sparsity):
-                row = bench_one(shape_name, sparsity, tokens, args, layers, device)
+                row = bench_one(shape_name, sparsity, tokens, args, layers, device, clock)
                 rows.append(row)
                 print(f"{shape_name} tokens={tokens} sparsity={row['sparsity']:.2f}: dense "
                       f"{row['dense_ms']:.3f} ms, sparse {row['sparse_ms']:.3f} ms, "
