@@ -21,6 +21,9 @@
 5. Kernel config variants (each checked for correctness first), timed per kernel, and the
    best up + down pair end to end: a few for one token by default, all of the decode
    shapes with --tune (the best go into launch_config).
+6. Host overhead of one eager FFN call at a launch-bound shape (OVERHEAD_SHAPE): dense,
+   torch.ops.lte.sparse_ffn, our launchers, and the two raw Triton launches, so the next
+   step on eager decode knows which layer costs what. Runs right after correctness.
 
 Writes gpu_bench.json and gpu_bench.md to --out (default $OUT or .), prints the tables last.
 Without --tune it finishes in well under 4 minutes on an H100/H200.
@@ -234,6 +237,74 @@ def sparse_fn(x, mask, w, s, up_cfg=None, down_cfg=None, kernels_only=False):
                              activation="silu", gated=True, config=up_cfg)
         return tk.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=down_cfg)
     return run
+
+
+# ---------------------------------------------------------------------------------------
+# Host overhead: what an eager decode step pays per FFN before the GPU does anything
+# ---------------------------------------------------------------------------------------
+OVERHEAD_SHAPE = (256, 512, 16)      # d, F, expert size: GPU work of a few µs per kernel
+
+
+def host_us(fn, calls=2000):
+    """Host µs per call of fn, issued back to back without syncing. At OVERHEAD_SHAPE the
+    GPU finishes each call's kernels faster than the host issues them, so this is the
+    Python + dispatch + launch cost of the call alone."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def raw_launches(x, mask, w, s):
+    """The op's two Triton launches for one token (silu, gated, no biases) with every
+    argument computed once: Triton's own launch cost, without our launchers' checks and
+    allocations. run() returns y."""
+    T, d = x.shape
+    Fdim = w["w_up"].shape[0]
+    up, down = (tk.launch_config(op, T, d, Fdim, s, x.dtype) for op in ("up", "down"))
+    m, h, y = mask.view(torch.uint8), x.new_empty(T, Fdim), x.new_empty(T, d)
+
+    def run():
+        tk.sparse_ffn_up_kernel[up.grid(T, d, Fdim)](
+            x, m, w["w_gate"], w["w_up"], w["w_up"], w["w_up"], T, d, Fdim, h,
+            EXPERT_SIZE=s, ACTIVATION=tk.ACTIVATION_CODES["silu"], GATED=1, HAS_BIAS=0, **up.constexprs(),
+            num_warps=up.num_warps, num_stages=up.num_stages)
+        tk.sparse_ffn_down_kernel[down.grid(T, d, Fdim)](
+            h, m, w["w_down_t"], w["w_down_t"], T, d, Fdim, y,
+            EXPERT_SIZE=s, HAS_BIAS=0, **down.constexprs(),
+            num_warps=down.num_warps, num_stages=down.num_stages)
+        return y
+    return run
+
+
+def overhead(rows):
+    """Host µs per FFN call, one token, bf16, at a launch-bound shape: where eager time goes."""
+    d, Fdim, s = OVERHEAD_SHAPE
+    w = weights(d, Fdim)
+    x = torch.randn(1, d, device=DEV).to(DTYPE)
+    mask = random_mask(1, Fdim // s, 0.5, 0)
+    w_down = w["w_down_t"].t().contiguous()
+    calls = {"torch.empty (floor)": lambda: torch.empty(1, device=DEV),
+             "dense (3 cuBLAS GEMMs, silu, mul)": lambda: dense_ffn(x, w["w_gate"], w["w_up"],
+                                                                     w_down),
+             "raw Triton launches (up + down, args precomputed)": raw_launches(x, mask, w, s),
+             "triton_kernels.sparse_ffn (our launchers)": sparse_fn(x, mask, w, s)}
+    if OPS_ERROR is None:
+        args = (x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None, s, "silu")
+        calls["torch.ops.lte.sparse_ffn"] = lambda: torch.ops.lte.sparse_ffn(*args)
+
+        def no_grad_op():
+            with torch.no_grad():
+                return torch.ops.lte.sparse_ffn(*args)
+        calls["torch.ops.lte.sparse_ffn under no_grad"] = no_grad_op
+    for name, fn in calls.items():
+        rows.append({"call": name, "host_us": round(host_us(fn), 1)})
+        print(f"overhead {name}: {rows[-1]['host_us']} µs", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -583,6 +654,10 @@ def markdown(report):
             lines.append(f"\n{r['shape']}: {r['note']}: {r['dense_graph_us']:.1f} µs")
         if "truncated" in r:
             lines.append(f"\n{r['truncated']}")
+    if report.get("overhead"):
+        lines += ["", f"Host µs per FFN call, eager, one token, d/F/s = {OVERHEAD_SHAPE}:", "",
+                  "| call | host µs |", "|---|---|"]
+        lines += [f"| {r['call']} | {r['host_us']} |" for r in report["overhead"]]
     if report.get("compact"):
         lines += ["", "One token, down path: old = walk all rows "
                   f"{report['compact'][0].get('old')}, new = active experts only "
@@ -648,7 +723,8 @@ def main():
     DEADLINE = t0 + args.budget_s
     TUNE_DEADLINE = t0 + 0.6 * args.budget_s
     REPORT["_out"] = args.out
-    sections = [("environment", None), ("correctness", correctness), ("compact", compact),
+    sections = [("environment", None), ("correctness", correctness), ("overhead", overhead),
+                ("compact", compact),
                 ("tune", lambda rows: tune(rows, quick=not args.tune)),
                 ("best_combined", best_combined), ("timings", timings)]
     for name, fn in sections:
