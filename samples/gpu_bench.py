@@ -272,8 +272,8 @@ def raw_launches(x, mask, w, s):
     def run():
         tk.sparse_ffn_up_kernel[up.grid(T, d, Fdim)](
             x, m, w["w_gate"], w["w_up"], w["w_up"], w["w_up"], T, d, Fdim, h,
-            EXPERT_SIZE=s, ACTIVATION=tk.ACTIVATION_CODES["silu"], GATED=1, HAS_BIAS=0, **up.constexprs(),
-            num_warps=up.num_warps, num_stages=up.num_stages)
+            EXPERT_SIZE=s, ACTIVATION=tk.ACTIVATION_CODES["silu"], GATED=1, HAS_BIAS=0,
+            **up.constexprs(), num_warps=up.num_warps, num_stages=up.num_stages)
         tk.sparse_ffn_down_kernel[down.grid(T, d, Fdim)](
             h, m, w["w_down_t"], w["w_down_t"], T, d, Fdim, y,
             EXPERT_SIZE=s, HAS_BIAS=0, **down.constexprs(),
