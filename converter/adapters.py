@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from converter.errors import UserError
+from lte_convert.errors import UserError
 
 # Hugging Face activation names (transformers.activations.ACT2FN) -> plugins.spec.ACTIVATIONS.
 # gelu_new / gelu_fast / gelu_pytorch_tanh are the same tanh approximation written three ways.

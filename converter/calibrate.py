@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from converter.evaluate import measure
+from lte_convert.converter.evaluate import measure
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Calibration:
 @torch.no_grad()
 def shift_routers(model, delta: float):
     """Add `delta` to every LTE router's bias (in place)."""
-    from converter.surgery import lte_modules
+    from lte_convert.converter.surgery import lte_modules
 
     for _, m in lte_modules(model):
         m.router.bias.add_(delta)
@@ -95,10 +95,10 @@ def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 
 
     from transformers import AutoTokenizer
 
-    from converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
-    from converter.data import heldout_blocks
-    from converter.surgery import lte_modules
-    from converter.train import check_output_dir, check_sparsity
+    from lte_convert.converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
+    from lte_convert.converter.data import heldout_blocks
+    from lte_convert.converter.surgery import lte_modules
+    from lte_convert.converter.train import check_output_dir, check_sparsity
 
     check_sparsity(sparsity)
     out = Path(out)

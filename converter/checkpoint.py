@@ -27,10 +27,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from converter.adapters import get_adapter
-from converter.atomic import atomic_path
-from converter.errors import UserError
-from converter.surgery import blocks, lte_modules, wrap_model
+from lte_convert.converter.adapters import get_adapter
+from lte_convert.atomic import atomic_path
+from lte_convert.errors import UserError
+from lte_convert.converter.surgery import blocks, lte_modules, wrap_model
 
 FORMAT = "lte-convert-checkpoint"
 VERSION = 1

@@ -14,18 +14,18 @@ import sys
 
 import click
 
-from converter.errors import UserError, exit_with
+from lte_convert.errors import UserError, exit_with
 
 # command name -> "module:attribute"; the attribute is a click.Command.
 COMMANDS = {
-    "run": "exporters.cli:run",
-    "train": "converter.cli_train:train",
-    "fold": "converter.cli_train:fold",
-    "eval": "converter.cli_eval:eval_",
-    "export": "exporters.cli:export",
-    "validate": "exporters.cli:validate",
-    "build": "trt_plugins.cli:build",
-    "bench": "plugins.cli:bench",
+    "run": "lte_convert.exporters.cli:run",
+    "train": "lte_convert.converter.cli_train:train",
+    "fold": "lte_convert.converter.cli_train:fold",
+    "eval": "lte_convert.converter.cli_eval:eval_",
+    "export": "lte_convert.exporters.cli:export",
+    "validate": "lte_convert.exporters.cli:validate",
+    "build": "lte_convert.trt_plugins.cli:build",
+    "bench": "lte_convert.plugins.cli:bench",
 }
 
 _HELP_FLAGS = {"--help", "-h", "--version"}

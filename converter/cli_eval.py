@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from converter.errors import UserError
+from lte_convert.errors import UserError
 
 
 def _floats(ctx, param, value):
@@ -41,7 +41,7 @@ def eval_(checkpoint, data, out, sweep, block_size, max_blocks, batch_size, text
     Example:
       lte-convert eval smollm2-lte --sweep 0.3,0.5,0.7
     """
-    from converter.evaluate import evaluate_checkpoint
+    from lte_convert.converter.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(checkpoint, list(data) or None, out_dir=out, sweep=sweep,
                             block_size=block_size, max_blocks=max_blocks,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from converter.train import TrainConfig
+from lte_convert.converter.train import TrainConfig
 
 _D = TrainConfig()
 
@@ -76,7 +76,7 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
       lte-convert train ./my-llama --data corpus.jsonl --sparsity 0.6 --out my-llama-lte
       lte-convert train ./my-llama --data corpus.jsonl --out my-llama-lte --resume
     """
-    from converter.train import train_lte
+    from lte_convert.converter.train import train_lte
 
     cfg = TrainConfig(expert_size=expert_size, block_size=block_size, batch_size=batch_size,
                       grad_accum=grad_accum, stage1_steps=stage1_steps,
@@ -90,7 +90,7 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
 
 
 def _summary(path: Path):
-    from converter.checkpoint import read_lte_info
+    from lte_convert.converter.checkpoint import read_lte_info
 
     info = read_lte_info(path)
     layers = " ".join(f"{s:.2f}" for s in info.get("layer_sparsity", []))
@@ -120,7 +120,7 @@ def fold(checkpoint, sparsity, out, data, block_size, calib_blocks, text_field, 
     Works on folded checkpoints (from `train`) and unfolded ones. Example:
       lte-convert fold smollm2-lte --sparsity 0.7 --out smollm2-lte-70
     """
-    from converter.calibrate import fold_checkpoint
+    from lte_convert.converter.calibrate import fold_checkpoint
 
     _summary(fold_checkpoint(checkpoint, out, sparsity, list(data) or None,
                              block_size=block_size, calib_blocks=calib_blocks,

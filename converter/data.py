@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from converter.errors import UserError
+from lte_convert.errors import UserError
 
 DataSource = str | os.PathLike | list
 
@@ -199,7 +199,7 @@ def heldout_blocks(tokenizer, data: DataSource | None, block_size: int, k: int, 
                    text_field: str = "text", purpose: str = "evaluation") -> torch.Tensor:
     """k blocks spread over held-out text (default: the embedded Shakespeare held-out plays)."""
     if data is None:
-        from samples.default import shakespeare_texts
+        from lte_convert.default import shakespeare_texts
         data = shakespeare_texts()[1]
     blocks = spread(pack(tokenizer, read_documents(data, text_field), block_size), k)
     if len(blocks) == 0:

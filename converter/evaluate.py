@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from converter.errors import UserError
+from lte_convert.errors import UserError
 
 
 @dataclass
@@ -68,7 +68,7 @@ def measure(model, blocks: torch.Tensor, *, batch_size: int = 8, task: str = "cl
     sparsity_only: run the base model without its LM head (calibration needs only the router
     logits; the vocabulary projection is a fifth of SmolLM2's forward). nll/accuracy are NaN.
     """
-    from converter.surgery import lte_modules
+    from lte_convert.converter.surgery import lte_modules
 
     lte = [m for _, m in lte_modules(model)]
     off = [0] * len(lte)
@@ -122,7 +122,7 @@ def measure(model, blocks: torch.Tensor, *, batch_size: int = 8, task: str = "cl
 
 def ffn_flops_per_token(model, layer_sparsity: list[float] | None) -> dict:
     """{'dense': ..., 'lte': ..., 'ratio': lte/dense} FFN FLOPs per token (see module doc)."""
-    from converter.surgery import lte_modules
+    from lte_convert.converter.surgery import lte_modules
 
     dense = lte_flops = 0
     lte = [m for _, m in lte_modules(model)]
@@ -143,7 +143,7 @@ def plot_layer_sparsity(layer_sparsity: list[float], path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from converter.atomic import atomic_path
+    from lte_convert.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(layer_sparsity) + 2), 3.2))
     ax.bar(range(len(layer_sparsity)), layer_sparsity, color="#4472c4")
@@ -162,7 +162,7 @@ def plot_sweep(points: list[dict], path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from converter.atomic import atomic_path
+    from lte_convert.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot([p["sparsity"] for p in points], [p["perplexity"] for p in points], "o-")
@@ -189,11 +189,11 @@ def evaluate_checkpoint(ckpt, data=None, *, out_dir=None, sweep: list[float] | N
     calibrated (global router-bias shift on the first `calib_blocks` blocks) and evaluated on
     all blocks; the checkpoint's own threshold is evaluated too.
     """
-    from converter.atomic import atomic_path
-    from converter.calibrate import calibrate, shift_routers
-    from converter.checkpoint import load_lte_model
-    from converter.data import heldout_blocks, spread
-    from converter.train import check_model_dir
+    from lte_convert.atomic import atomic_path
+    from lte_convert.converter.calibrate import calibrate, shift_routers
+    from lte_convert.converter.checkpoint import load_lte_model
+    from lte_convert.converter.data import heldout_blocks, spread
+    from lte_convert.converter.train import check_model_dir
 
     ckpt = check_model_dir(ckpt)
     if not (ckpt / "lte.json").is_file():

@@ -154,7 +154,7 @@ def mean_sq_distance(weight, perm, expert_size: int) -> float:
 def _smollm2_gates():
     from safetensors import safe_open
 
-    from samples.default import default_model_dir
+    from lte_convert.default import default_model_dir
     with safe_open(str(default_model_dir() / "model.safetensors"), "pt") as f:
         return [f.get_tensor(f"model.layers.{i}.mlp.gate_proj.weight") for i in range(30)]
 

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins import ops
-from plugins.reference import ACT_FNS
-from plugins.spec import FFNShape, gate_up_pair
+from lte_convert.plugins import ops
+from lte_convert.plugins.reference import ACT_FNS
+from lte_convert.plugins.spec import FFNShape, gate_up_pair
 
 MODES = ("dense", "soft", "hard", "folded")
 ROUTER_INIT_BIAS = 2.0      # σ(2) ≈ 0.88: experts start on, above τ = 0.5

@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from converter import grouping
-from converter.adapters import Adapter, get_adapter, intermediate_size
-from converter.errors import UserError
-from converter.lte_ffn import MODES, ROUTER_INIT_BIAS, LTEFFN
-from plugins.spec import FFNShape
+from lte_convert.converter import grouping
+from lte_convert.converter.adapters import Adapter, get_adapter, intermediate_size
+from lte_convert.errors import UserError
+from lte_convert.converter.lte_ffn import MODES, ROUTER_INIT_BIAS, LTEFFN
+from lte_convert.plugins.spec import FFNShape
 
 
 def blocks(model, adapter: Adapter) -> tuple[str, nn.ModuleList]:

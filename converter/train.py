@@ -56,9 +56,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from converter.data import BlockDataset, DataSource, make_blocks, read_documents, spread
-from converter.errors import UserError
-from converter.losses import LAMBDA, TAU, fraction_off, router_loss
+from lte_convert.converter.data import BlockDataset, DataSource, make_blocks, read_documents, spread
+from lte_convert.errors import UserError
+from lte_convert.converter.losses import LAMBDA, TAU, fraction_off, router_loss
 
 WORK_SUFFIX = ".lte-work"
 STATE_FILE = "lte_state.json"
@@ -115,7 +115,7 @@ def load_lm(model_dir, trust_remote_code: bool = False, dtype=torch.float32):
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    from converter.adapters import get_adapter
+    from lte_convert.converter.adapters import get_adapter
 
     path = check_model_dir(model_dir)
     try:
@@ -322,7 +322,7 @@ def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig
 
 
 def _freeze_for_stage(model, lte, stage: int, routers_only: bool):
-    from converter.surgery import set_mode
+    from lte_convert.converter.surgery import set_mode
 
     set_mode(model, "soft" if stage == 1 else "hard")
     router_ids = {id(p) for m in lte for p in m.router.parameters()}
@@ -371,13 +371,13 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
               trust_remote_code: bool = False) -> Path:
     """Train an LTE model and save the folded LTE checkpoint in `out`; returns `out`.
 
-    model_dir None: the embedded SmolLM2-135M (samples/default.py); data None: Shakespeare's
+    model_dir None: the embedded SmolLM2-135M (lte_convert/default.py); data None: Shakespeare's
     training plays, held out: its held-out plays. Under torchrun every process calls this;
     process 0 writes the checkpoint.
     """
-    from converter.calibrate import calibrate, shift_routers
-    from converter.checkpoint import fold, save_lte_checkpoint
-    from converter.surgery import convert_model, lte_modules
+    from lte_convert.converter.calibrate import calibrate, shift_routers
+    from lte_convert.converter.checkpoint import fold, save_lte_checkpoint
+    from lte_convert.converter.surgery import convert_model, lte_modules
 
     cfg = config or TrainConfig()
     check_sparsity(sparsity)
@@ -391,7 +391,7 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
     else:
         check_output_dir(out, overwrite)
     if model_dir is None or data is None:
-        from samples.default import default_model_dir, shakespeare_texts
+        from lte_convert.default import default_model_dir, shakespeare_texts
         if model_dir is None:
             model_dir = default_model_dir()
         if data is None:

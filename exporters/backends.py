@@ -21,8 +21,8 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from exporters import wrappers
-from plugins import spec
+from lte_convert.exporters import wrappers
+from lte_convert.plugins import spec
 
 MASK_PREFIX = "lte_mask."
 
@@ -132,7 +132,7 @@ class TorchBackend:
     name = "pytorch"
 
     def __init__(self, model, kv_cache: bool):
-        from converter.surgery import lte_modules
+        from lte_convert.converter.surgery import lte_modules
 
         self.model = model.eval()
         self.kv_cache = kv_cache

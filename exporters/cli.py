@@ -16,7 +16,7 @@ class _Failed(click.ClickException):
 
 
 def _threshold_option(f):
-    from exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
+    from lte_convert.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
 
     return click.option(
         "--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD,
@@ -40,7 +40,7 @@ def _threshold_option(f):
 @_threshold_option
 def export(checkpoint, out, dtype, no_kv_cache, external_data_threshold):
     """Export a folded LTE checkpoint to ONNX (lte SparseFFN nodes with function bodies)."""
-    from exporters.onnx_export import export_checkpoint
+    from lte_convert.exporters.onnx_export import export_checkpoint
 
     t0 = time.time()
     r = export_checkpoint(checkpoint, out, dtype=dtype, kv_cache=not no_kv_cache,
@@ -80,12 +80,12 @@ def _print_export(r: dict, seconds: float):
 def validate(onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_rate, engine,
              report):
     """Compare ONNX Runtime (or a TensorRT engine) with PyTorch; exit 1 when out of tolerance."""
-    from exporters.validate import format_table
-    from exporters.validate import validate as run_validation
+    from lte_convert.exporters.validate import format_table
+    from lte_convert.exporters.validate import validate as run_validation
 
     backend = None
     if engine is not None:
-        from trt_plugins.runner import EngineRunner
+        from lte_convert.trt_plugins.runner import EngineRunner
         backend = EngineRunner(engine)
     r = run_validation(onnx_file, reference, n=n, seq_len=seq_len, data=list(data) or None,
                        atol=atol, rtol=rtol, max_flip_rate=max_flip_rate, backend=backend,
@@ -117,7 +117,7 @@ def validate(onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_rate, 
 def run(model, out, sparsity, data, checkpoint, dtype, no_kv_cache, overwrite, resume,
         external_data_threshold):
     """Train LTE routers, fold, export to ONNX and validate: MODEL -> model.onnx."""
-    from exporters.pipeline import run_pipeline, summary
+    from lte_convert.exporters.pipeline import run_pipeline, summary
 
     r = run_pipeline(model, out, sparsity=sparsity, data=list(data) or None,
                      checkpoint=checkpoint, dtype=dtype, kv_cache=not no_kv_cache,

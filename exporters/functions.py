@@ -31,7 +31,7 @@ import math
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
-from plugins import spec
+from lte_convert.plugins import spec
 
 OPSET = 19
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters.backends import Backend
+from lte_convert.exporters.backends import Backend
 
 
 def greedy_generate(backend: Backend, layout: list[tuple[int, int]], input_ids: np.ndarray,

@@ -25,10 +25,10 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from converter.atomic import atomic_path
-from converter.errors import UserError
-from exporters import functions, metadata, wrappers
-from plugins import spec
+from lte_convert.atomic import atomic_path
+from lte_convert.errors import UserError
+from lte_convert.exporters import functions, metadata, wrappers
+from lte_convert.plugins import spec
 
 OPSET = functions.OPSET
 TWO_GB = 2 * 1024**3
@@ -107,7 +107,7 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
     the initializers exceed `external_data_threshold` bytes (at most EXTERNAL_DATA_THRESHOLD:
     a single ONNX file cannot exceed 2 GiB).
     """
-    from converter.surgery import lte_modules
+    from lte_convert.converter.surgery import lte_modules
 
     out = Path(out)
     modules = lte_modules(model)
@@ -173,7 +173,7 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
 def export_checkpoint(ckpt, out, *, dtype: str = "fp32", kv_cache: bool = True,
                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
     """`lte-convert export`: load an LTE checkpoint in `dtype` and export it."""
-    from converter.checkpoint import load_lte_model
+    from lte_convert.converter.checkpoint import load_lte_model
 
     ckpt = Path(ckpt)
     if dtype not in DTYPES:

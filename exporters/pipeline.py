@@ -24,8 +24,8 @@ def default_checkpoint(out: Path) -> Path:
 
 def _dense_and_blocks(model_dir, data, heldout, cfg):
     """(dense model, tokenizer, task, held-out blocks): the blocks training holds out."""
-    from converter.data import load_blocks, spread
-    from converter.train import load_lm
+    from lte_convert.converter.data import load_blocks, spread
+    from lte_convert.converter.train import load_lm
 
     model, tokenizer, task = load_lm(model_dir)
     blocks = load_blocks(tokenizer, data, cfg.block_size, heldout=heldout,
@@ -42,12 +42,12 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
 
     config: a converter.train.TrainConfig (default: its defaults, sized for the embedded model).
     """
-    from converter.checkpoint import load_lte_model
-    from converter.evaluate import measure
-    from converter.train import (TrainConfig, check_output_dir, check_sparsity,
+    from lte_convert.converter.checkpoint import load_lte_model
+    from lte_convert.converter.evaluate import measure
+    from lte_convert.converter.train import (TrainConfig, check_output_dir, check_sparsity,
                                  train_lte)
-    from exporters import onnx_export
-    from exporters.validate import format_table, validate
+    from lte_convert.exporters import onnx_export
+    from lte_convert.exporters.validate import format_table, validate
 
     out = Path(out)
     ckpt = Path(checkpoint) if checkpoint else default_checkpoint(out)
@@ -57,10 +57,10 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
         check_output_dir(ckpt, overwrite)
     heldout = None
     if model_dir is None:
-        from samples.default import default_model_dir
+        from lte_convert.default import default_model_dir
         model_dir = default_model_dir()
     if data is None:                 # as train_lte: Shakespeare's train / held-out plays
-        from samples.default import shakespeare_texts
+        from lte_convert.default import shakespeare_texts
         data, heldout = shakespeare_texts()
     cfg = config or TrainConfig()
     times = {}

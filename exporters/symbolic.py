@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from plugins import spec
+from lte_convert.plugins import spec
 
 
 def _attrs(base: dict) -> dict:

@@ -32,11 +32,11 @@ import onnx
 import torch
 from google.protobuf.message import DecodeError
 
-from converter.atomic import atomic_path
-from converter.errors import UserError
-from exporters import metadata, wrappers
-from exporters.backends import MASK_PREFIX, Backend, OrtBackend, TorchBackend
-from plugins import spec
+from lte_convert.atomic import atomic_path
+from lte_convert.errors import UserError
+from lte_convert.exporters import metadata, wrappers
+from lte_convert.exporters.backends import MASK_PREFIX, Backend, OrtBackend, TorchBackend
+from lte_convert.plugins import spec
 
 # dtype the comparison runs in -> atol, rtol, max flip rate
 DEFAULT_TOLERANCES = {
@@ -115,7 +115,7 @@ def check_reference(meta: dict, ckpt) -> dict:
     """The reference checkpoint's lte.json, after checking it is the model the file holds."""
     from transformers import AutoConfig
 
-    from converter.checkpoint import read_lte_info
+    from lte_convert.converter.checkpoint import read_lte_info
 
     info = read_lte_info(ckpt)
     cfg = AutoConfig.from_pretrained(ckpt).get_text_config()
@@ -150,7 +150,7 @@ def make_inputs(vocab_size: int, n: int, seq_len: int, *, data=None, ckpt=None,
         return gen.integers(low, vocab_size, (n, seq_len), dtype=np.int64), "random tokens"
     from transformers import AutoTokenizer
 
-    from converter.data import pack, read_documents, spread
+    from lte_convert.converter.data import pack, read_documents, spread
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
@@ -276,7 +276,7 @@ def validate(onnx_path, reference, *, n: int = 4, seq_len: int = 32, data=None,
     Returns the report (also written as JSON to `report_path`, default beside the file);
     report["passed"] says whether every tolerance held.
     """
-    from converter.checkpoint import load_lte_model
+    from lte_convert.converter.checkpoint import load_lte_model
 
     onnx_path = Path(onnx_path)
     proto, meta = open_lte_onnx(onnx_path)

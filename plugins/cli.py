@@ -1,5 +1,5 @@
-"""`lte-convert bench`: the sparse FFN op against dense PyTorch (samples/bench_ffn.py), or
-end-to-end decoding speed with --decode (samples/bench_decode.py)."""
+"""`lte-convert bench`: the sparse FFN op against dense PyTorch (plugins/bench.py), or
+end-to-end decoding speed with --decode (lte_convert/bench_decode.py)."""
 from __future__ import annotations
 
 import click
@@ -40,7 +40,7 @@ def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, thread
           unpaired, json_path, decode, model, new_tokens):
     """Benchmark lte.SparseFFN against dense PyTorch; prints a table, writes JSON."""
     if decode:
-        from samples import bench_decode
+        from lte_convert import bench_decode
         argv = ["--new-tokens", str(new_tokens), "--clock", clock,
                 "--reps", str(reps or 5),
                 "--dtype", dtype or "float32"]
@@ -52,7 +52,7 @@ def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, thread
                 argv += [flag, str(value)]
         bench_decode.main(argv)
         return
-    from samples import bench_ffn
+    from lte_convert.plugins import bench as bench_ffn
     argv = ["--shapes", shapes, "--sparsity", sparsity, "--tokens", tokens,
             "--max-gib", str(max_gib), "--reps", str(reps or 15), "--clock", clock]
     for flag, value in (("--dtype", dtype), ("--device", device), ("--layers", layers),

@@ -44,8 +44,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from plugins.reference import ACT_FNS
-from plugins.spec import gate_up_pair
+from lte_convert.plugins.reference import ACT_FNS
+from lte_convert.plugins.spec import gate_up_pair
 
 # Above this fraction of active experts in a multi-token batch's union, one dense GEMM per
 # matrix is used instead of one per run.

@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from plugins import cpu
-from plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
+from lte_convert.plugins import cpu
+from lte_convert.plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
                                sparse_ffn_up_reference)
-from plugins.spec import ACTIVATIONS, DTYPES, NAMESPACE, FFNShape, check_inputs, check_weights
+from lte_convert.plugins.spec import ACTIVATIONS, DTYPES, NAMESPACE, FFNShape, check_inputs, check_weights
 
 
 def _check_attrs(activation):
@@ -75,7 +75,7 @@ def _check(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size, a
 def _triton():
     """plugins.triton_kernels, imported on the first CUDA call only."""
     try:
-        from plugins import triton_kernels
+        from lte_convert.plugins import triton_kernels
     except ImportError as e:
         raise RuntimeError(f"lte.SparseFFN on CUDA needs Triton, which failed to import ({e}); "
                            "install it with `pip install 'lte-convert[gpu]'`.") from e
@@ -221,7 +221,7 @@ def sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, shape: FFN
                          f"{'missing' if w_gate is None else 'given'}; pass W_gate exactly "
                          "for gated FFNs.")
     if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
-        from exporters.symbolic import emit_sparse_ffn
+        from lte_convert.exporters.symbolic import emit_sparse_ffn
         return emit_sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, shape)
     return torch.ops.lte.sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down,
                                     shape.expert_size, shape.activation)

@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plugins.spec import gate_up_pair
+from lte_convert.plugins.spec import gate_up_pair
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 

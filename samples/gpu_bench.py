@@ -47,17 +47,18 @@ import torch.nn.functional as F
 import triton
 
 try:
-    import plugins  # noqa: F401  (registers torch.ops.lte.*)
+    import lte_convert.plugins  # noqa: F401  (registers torch.ops.lte.*)
     OPS_ERROR = None
 except Exception as e:  # a broken sibling module must not cost the one GPU run
     OPS_ERROR = repr(e)
     print(f"import plugins failed ({OPS_ERROR}); timing the kernels without torch.ops.lte",
           flush=True)
-    sys.modules["plugins"] = types.ModuleType("plugins")
-    sys.modules["plugins"].__path__ = [str(Path(__file__).resolve().parents[1] / "plugins")]
-from plugins import triton_kernels as tk  # noqa: E402
-from plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference  # noqa: E402
-from plugins.triton_kernels import LaunchConfig  # noqa: E402
+    stub = types.ModuleType("lte_convert.plugins")
+    stub.__path__ = [str(Path(__file__).resolve().parents[1] / "plugins")]
+    sys.modules["lte_convert.plugins"] = stub
+from lte_convert.plugins import triton_kernels as tk  # noqa: E402
+from lte_convert.plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference  # noqa: E402
+from lte_convert.plugins.triton_kernels import LaunchConfig  # noqa: E402
 
 SHAPES = {  # name: (d, F, expert_size, layers rotated in timings)
     "llama2-7b": (4096, 11008, 32, 4),

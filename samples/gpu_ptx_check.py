@@ -44,9 +44,9 @@ from pathlib import Path
 
 import torch
 
-from plugins import spec
-from plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference
-from trt_plugins import aot
+from lte_convert.plugins import spec
+from lte_convert.plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference
+from lte_convert.trt_plugins import aot
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # max |kernel - reference| / max(1, max |reference|): fp32 accumulation in both, so the

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from converter.data import BlockDataset, make_blocks, read_documents, spread
-from converter.train import BlockCollator, TrainConfig, load_lm, train_lte
+from lte_convert.converter.data import BlockDataset, make_blocks, read_documents, spread
+from lte_convert.converter.train import BlockCollator, TrainConfig, load_lm, train_lte
 
 
 def _ppl(model, blocks, batch_size=8) -> float:
@@ -49,7 +49,7 @@ def _ppl(model, blocks, batch_size=8) -> float:
 def _topk_hooks(model, sparsity: float, expert_size: int | None):
     """Pre-hooks on every mlp.down_proj keeping the top (1−S) of |h| per token (per neuron,
     or per expert of the k-means grouping). Returns (handles, measured-sparsity list)."""
-    from converter.grouping import expert_permutation
+    from lte_convert.converter.grouping import expert_permutation
 
     handles, stats = [], []
     for layer in model.model.layers:
@@ -99,9 +99,9 @@ def _dense_finetune(model_dir, blocks, cfg: TrainConfig, out: Path):
 
 
 def main():
-    from converter.checkpoint import load_lte_model
-    from converter.evaluate import measure
-    from samples.default import default_model_dir, shakespeare_texts
+    from lte_convert.converter.checkpoint import load_lte_model
+    from lte_convert.converter.evaluate import measure
+    from lte_convert.default import default_model_dir, shakespeare_texts
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsities", default="0.3,0.5,0.7")
@@ -159,7 +159,7 @@ def main():
         if s in given:
             ckpt = given[s]
         elif a.refold_from:
-            from converter.calibrate import fold_checkpoint
+            from lte_convert.converter.calibrate import fold_checkpoint
             name = f"LTE (refolded from {Path(a.refold_from).name})"
             ckpt = fold_checkpoint(a.refold_from, Path(a.work) / f"refold-{s}", s,
                                    overwrite=True)

@@ -35,8 +35,8 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from converter.errors import UserError
-from plugins import spec
+from lte_convert.errors import UserError
+from lte_convert.plugins import spec
 
 ARCHS = (80, 90)                    # PTX targets: sm_80 (Ampere, and JIT for 8.x / 10.x+), sm_90a (Hopper)
 PTX_VERSION = 80                    # PTX ISA 8.0 (CUDA 12.0 drivers); the lowest sm_90a accepts
@@ -300,7 +300,7 @@ def configs(op: str, *, d: int, F: int, expert_size: int, dtype: str) -> tuple:
     tactic i (1-based, TensorRT wants positive ids) is configs(...)[i - 1], and TensorRT
     times them at the profile's opt shape and keeps the fastest.
     """
-    from plugins import triton_kernels as tk
+    from lte_convert.plugins import triton_kernels as tk
 
     return tuple(tk.launch_configs(_KERNEL_OP[op], d, F, expert_size, _torch_dtype(dtype)))
 
@@ -336,7 +336,7 @@ def compile_op(op: str, *, arch: int, dtype: str, tactic: int, d: int, F: int,
 
 @functools.lru_cache(maxsize=None)
 def _compile_op(op, arch, dtype, tactic, d, F, expert_size, activation, gated) -> Launch:
-    from plugins import triton_kernels as tk
+    from lte_convert.plugins import triton_kernels as tk
 
     assert arch in ARCHS and dtype in TRITON_DTYPES, (arch, dtype)
     assert activation in spec.ACTIVATIONS, activation

@@ -18,9 +18,9 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from converter.atomic import atomic_path
-from converter.errors import UserError
-from plugins import spec
+from lte_convert.atomic import atomic_path
+from lte_convert.errors import UserError
+from lte_convert.plugins import spec
 
 MIN_TENSORRT = (10, 9)
 INSTALL_HINT = (
@@ -231,10 +231,10 @@ def build_engine(onnx_path, engine_path, *, dims: dict | None = None, allow_dens
 
     trt = import_tensorrt()
     if prepared.n_lte_nodes:
-        from trt_plugins import aot
+        from lte_convert.trt_plugins import aot
 
         aot.ptx_arch(*aot.current_device_capability())    # refuses GPUs older than sm_80
-        import trt_plugins.plugin  # noqa: F401  (registers lte::SparseFFNUp/Down)
+        import lte_convert.trt_plugins.plugin  # noqa: F401  (registers lte::SparseFFNUp/Down)
 
     logger = make_logger(trt, verbose)
     builder = trt.Builder(logger)

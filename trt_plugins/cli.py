@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from converter.errors import UserError
-from trt_plugins import builder
+from lte_convert.errors import UserError
+from lte_convert.trt_plugins import builder
 
 
 def _range(name):

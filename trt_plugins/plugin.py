@@ -25,9 +25,9 @@ from typing import List, Tuple, Union
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from converter.errors import UserError
-from plugins import spec
-from trt_plugins import aot
+from lte_convert.errors import UserError
+from lte_convert.plugins import spec
+from lte_convert.trt_plugins import aot
 
 if not hasattr(trtp, "aot_impl"):
     raise ImportError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl; the lte "

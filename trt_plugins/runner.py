@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converter.errors import UserError
-from trt_plugins.builder import import_tensorrt, make_logger
+from lte_convert.errors import UserError
+from lte_convert.trt_plugins.builder import import_tensorrt, make_logger
 
 
 def _torch_dtype(trt, dt):

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from converter.calibrate import calibrate, shift_routers
-from converter.checkpoint import fold
-from converter.data import pack, read_documents, spread
-from converter.evaluate import measure
-from converter.surgery import convert_model, lte_modules, set_mode
-from samples.default import glassllm_model_dir, shakespeare_texts
+from lte_convert.converter.calibrate import calibrate, shift_routers
+from lte_convert.converter.checkpoint import fold
+from lte_convert.converter.data import pack, read_documents, spread
+from lte_convert.converter.evaluate import measure
+from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
+from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import pytest
 import torch
 import transformers
 
-from converter.checkpoint import (FORMAT, VERSION, fold, load_lte_model, read_lte_info,
+from lte_convert.converter.checkpoint import (FORMAT, VERSION, fold, load_lte_model, read_lte_info,
                                   save_lte_checkpoint)
-from converter.errors import UserError
-from converter.surgery import convert_model, lte_modules, set_mode
+from lte_convert.errors import UserError
+from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
 from tiny_models import random_ids, tiny_model
 
 

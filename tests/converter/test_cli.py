@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from converter.cli import cli, main
-from samples.default import glassllm_model_dir, shakespeare_texts
+from lte_convert.converter.cli import cli, main
+from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 

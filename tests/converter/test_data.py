@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from converter.data import load_blocks, read_documents
-from converter.errors import UserError
+from lte_convert.converter.data import load_blocks, read_documents
+from lte_convert.errors import UserError
 
 
 class CharTokenizer:

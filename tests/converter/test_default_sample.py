@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from samples.default import HELDOUT_PLAYS, glassllm_model_dir, shakespeare_texts
+from lte_convert.default import HELDOUT_PLAYS, glassllm_model_dir, shakespeare_texts
 
 
 def test_glassllm_logits_match_its_numpy_forward():
@@ -45,7 +45,7 @@ def test_shakespeare_split_is_by_play_and_disjoint():
 def test_smollm2_default_loads_and_predicts_shakespeare():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from samples.default import default_model_dir
+    from lte_convert.default import default_model_dir
 
     path = default_model_dir()
     tok = AutoTokenizer.from_pretrained(path)

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from converter.calibrate import calibrate
-from converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
-from converter.data import pack, read_documents, spread
-from converter.evaluate import evaluate_checkpoint, ffn_flops_per_token, measure
-from converter.surgery import convert_model, set_mode
-from samples.default import glassllm_model_dir, shakespeare_texts
+from lte_convert.converter.calibrate import calibrate
+from lte_convert.converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
+from lte_convert.converter.data import pack, read_documents, spread
+from lte_convert.converter.evaluate import evaluate_checkpoint, ffn_flops_per_token, measure
+from lte_convert.converter.surgery import convert_model, set_mode
+from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_measured_perplexity_matches_a_direct_forward(ckpt):
 def test_fold_cli_retargets_a_folded_checkpoint(ckpt, tmp_path):
     from click.testing import CliRunner
 
-    from converter.cli import cli
+    from lte_convert.converter.cli import cli
 
     heldout = str(shakespeare_texts()[1][0])
     r = CliRunner().invoke(cli, ["fold", str(ckpt), "--sparsity", "0.3", "--out",

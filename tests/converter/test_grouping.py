@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from converter.grouping import balanced_kmeans, expert_permutation, mean_sq_distance
-from converter.surgery import convert_model, lte_modules
+from lte_convert.converter.grouping import balanced_kmeans, expert_permutation, mean_sq_distance
+from lte_convert.converter.surgery import convert_model, lte_modules
 
 
 def _planted(n_clusters, size, d, seed=0, noise=0.05):
@@ -52,7 +52,7 @@ def test_recovers_planted_clusters():
 
 
 def test_kmeans_groups_are_tighter_than_random_on_real_weights():
-    from samples.default import glassllm_model_dir
+    from lte_convert.default import glassllm_model_dir
     model = transformers.LlamaForCausalLM.from_pretrained(glassllm_model_dir())
     w = model.model.layers[0].mlp.gate_proj.weight.detach()          # [341, 128]
     perm = expert_permutation(w, 32, seed=0)
@@ -73,7 +73,7 @@ def _logits_before_and_after_conversion(model_dir, low_id):
 
 
 def test_real_glassllm_converted_is_function_identical():
-    from samples.default import glassllm_model_dir
+    from lte_convert.default import glassllm_model_dir
     model, ref, out = _logits_before_and_after_conversion(glassllm_model_dir(), low_id=4)
     m = lte_modules(model)[0][1]
     assert (m.d_ff_original, m.shape.d_ff, m.shape.n_experts) == (341, 352, 11)
@@ -94,7 +94,7 @@ def test_identical_and_zero_rows_still_give_full_experts():
 
 @pytest.mark.slow
 def test_real_smollm2_converted_is_function_identical():
-    from samples.default import default_model_dir
+    from lte_convert.default import default_model_dir
     model, ref, out = _logits_before_and_after_conversion(default_model_dir(), low_id=0)
     assert len(lte_modules(model)) == 30 and lte_modules(model)[0][1].shape.n_experts == 48
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from converter.losses import (SEP_EPS, efficiency_loss, fraction_off, router_loss,
+from lte_convert.converter.losses import (SEP_EPS, efficiency_loss, fraction_off, router_loss,
                               separability_loss)
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from converter.lte_ffn import LTEFFN
-from plugins.reference import ACT_FNS, sparse_ffn_reference
-from plugins.spec import FFNShape, gate_up_pair
+from lte_convert.converter.lte_ffn import LTEFFN
+from lte_convert.plugins.reference import ACT_FNS, sparse_ffn_reference
+from lte_convert.plugins.spec import FFNShape, gate_up_pair
 
 D, FF, S = 24, 64, 16          # 4 experts
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from converter.checkpoint import fold
-from converter.errors import UserError
-from converter.lte_ffn import ROUTER_INIT_BIAS
-from converter.surgery import convert_model, lte_modules, set_mode
+from lte_convert.converter.checkpoint import fold
+from lte_convert.errors import UserError
+from lte_convert.converter.lte_ffn import ROUTER_INIT_BIAS
+from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
 from tiny_models import random_ids, tiny_model
 
 

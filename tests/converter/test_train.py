@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from converter.errors import UserError
-from converter.train import TrainConfig, train_lte
-from samples.default import glassllm_model_dir, shakespeare_texts
+from lte_convert.errors import UserError
+from lte_convert.converter.train import TrainConfig, train_lte
+from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "converter.cli"]
+CLI = [sys.executable, "-m", "lte_convert.converter.cli"]
 
 
 def _data():
@@ -38,9 +38,9 @@ def _cfg(**kw):
 
 
 def test_end_to_end_on_glassllm_hits_sparsity_and_reloads(tmp_path):
-    from converter.checkpoint import load_lte_model
-    from converter.data import pack, read_documents, spread
-    from converter.evaluate import measure
+    from lte_convert.converter.checkpoint import load_lte_model
+    from lte_convert.converter.data import pack, read_documents, spread
+    from lte_convert.converter.evaluate import measure
 
     train, heldout = _data()
     out = train_lte(glassllm_model_dir(), train, tmp_path / "lte", 0.5, heldout=heldout,
@@ -121,7 +121,7 @@ def test_two_processes_train_the_same_routers_as_one(tmp_path):
     one = _run_cli(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     two = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                          "-m", "converter.cli", "train"] + common
+                          "-m", "lte_convert.converter.cli", "train"] + common
                          + ["--batch-size", "2", "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]

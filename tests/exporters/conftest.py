@@ -12,7 +12,7 @@ from tiny_models import random_ids, tiny_model  # noqa: E402
 @torch.no_grad()
 def route_half(model, ids):
     """Shift each router's bias so every expert is on for about half of the tokens in `ids`."""
-    from converter.surgery import lte_modules
+    from lte_convert.converter.surgery import lte_modules
 
     z = {}
     hooks = [m.register_forward_pre_hook(
@@ -27,8 +27,8 @@ def route_half(model, ids):
 
 def folded_checkpoint(model, path, tokenizer=None, source="tiny", ids=None):
     """Convert `model` (expert size 32), route about half the experts, fold, save; -> path."""
-    from converter.checkpoint import fold, save_lte_checkpoint
-    from converter.surgery import convert_model, lte_modules
+    from lte_convert.converter.checkpoint import fold, save_lte_checkpoint
+    from lte_convert.converter.surgery import convert_model, lte_modules
 
     convert_model(model, expert_size=32)
     route_half(model, random_ids(4, 16) if ids is None else ids)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from exporters.functions import OPSET, functions
-from plugins import spec
-from plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference
+from lte_convert.exporters.functions import OPSET, functions
+from lte_convert.plugins import spec
+from lte_convert.plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference
 
 D, E, S = 16, 6, 4
 F = E * S

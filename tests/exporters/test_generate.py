@@ -4,10 +4,10 @@ import onnx
 import pytest
 import torch
 
-from exporters.backends import OrtBackend
-from exporters.generate import greedy_generate
-from exporters.onnx_export import export_checkpoint
-from exporters.validate import cache_layout
+from lte_convert.exporters.backends import OrtBackend
+from lte_convert.exporters.generate import greedy_generate
+from lte_convert.exporters.onnx_export import export_checkpoint
+from lte_convert.exporters.validate import cache_layout
 from tests.exporters.conftest import folded_checkpoint
 
 PROMPTS = ["ROMEO. But soft, what light through yonder window breaks?",
@@ -17,11 +17,11 @@ PROMPTS = ["ROMEO. But soft, what light through yonder window breaks?",
 def _generate_both(model_dir, tmp_path, new_tokens, dtype="fp32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from converter.checkpoint import load_lte_model
+    from lte_convert.converter.checkpoint import load_lte_model
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    text = open(__import__("samples.default", fromlist=["x"]).shakespeare_texts()[1][0]).read()
+    text = open(__import__("lte_convert.default", fromlist=["x"]).shakespeare_texts()[1][0]).read()
     ids = tok(text[:20000], return_tensors="pt").input_ids[:, :512].reshape(4, 128)
     ckpt = folded_checkpoint(model, tmp_path / "ckpt", tok, source=str(model_dir), ids=ids)
     out = export_checkpoint(ckpt, tmp_path / "model.onnx", dtype=dtype)["path"]
@@ -49,7 +49,7 @@ def _generate_both(model_dir, tmp_path, new_tokens, dtype="fp32"):
 
 
 def test_glassllm_greedy_matches_pytorch(tmp_path):
-    from samples.default import glassllm_model_dir
+    from lte_convert.default import glassllm_model_dir
 
     for ref, got in _generate_both(glassllm_model_dir(), tmp_path, 24):
         np.testing.assert_array_equal(got, ref)
@@ -58,7 +58,7 @@ def test_glassllm_greedy_matches_pytorch(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_pytorch(tmp_path):
-    from samples.default import default_model_dir
+    from lte_convert.default import default_model_dir
 
     for ref, got in _generate_both(default_model_dir(), tmp_path, 16):
         np.testing.assert_array_equal(got, ref)

@@ -9,11 +9,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter.errors import UserError
-from exporters import metadata
-from exporters.onnx_export import data_path, export_checkpoint
-from exporters.validate import validate
-from plugins import spec
+from lte_convert.errors import UserError
+from lte_convert.exporters import metadata
+from lte_convert.exporters.onnx_export import data_path, export_checkpoint
+from lte_convert.exporters.validate import validate
+from lte_convert.plugins import spec
 from tests.exporters.conftest import tiny_checkpoint
 from tiny_models import FAMILIES, HIDDEN, LAYERS
 
@@ -155,8 +155,8 @@ def test_model_not_fitting_dtype(tmp_path):
 
 
 def test_unfolded_checkpoint_refused(tmp_path):
-    from converter.checkpoint import save_lte_checkpoint
-    from converter.surgery import convert_model
+    from lte_convert.converter.checkpoint import save_lte_checkpoint
+    from lte_convert.converter.surgery import convert_model
     from tiny_models import tiny_model
 
     model, _ = tiny_model("llama")
@@ -169,8 +169,8 @@ def test_unfolded_checkpoint_refused(tmp_path):
 
 def test_weights_are_the_checkpoints(checkpoints, exported):
     """The ONNX initializers are the checkpoint's permuted FFN weights, W_down transposed."""
-    from converter.checkpoint import load_lte_model
-    from converter.surgery import lte_modules
+    from lte_convert.converter.checkpoint import load_lte_model
+    from lte_convert.converter.surgery import lte_modules
 
     model, _ = load_lte_model(checkpoints("gpt2"))
     m = onnx.load(exported("gpt2", True)["path"])

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from converter.cli import main
-from converter.errors import UserError
-from exporters.pipeline import run_pipeline, summary
+from lte_convert.converter.cli import main
+from lte_convert.errors import UserError
+from lte_convert.exporters.pipeline import run_pipeline, summary
 
 
 def _hamlet():
-    from samples.default import shakespeare_texts
+    from lte_convert.default import shakespeare_texts
 
     train, heldout = shakespeare_texts()
     return [p for p in train + heldout if p.name.startswith("hamlet")][0]
@@ -18,8 +18,8 @@ def _hamlet():
 
 def test_run_on_glassllm(tmp_path):
     """A short training budget on glassllm: the wiring, the files and the summary."""
-    from converter.train import TrainConfig
-    from samples.default import glassllm_model_dir
+    from lte_convert.converter.train import TrainConfig
+    from lte_convert.default import glassllm_model_dir
 
     cfg = TrainConfig(block_size=64, batch_size=2, stage1_steps=3, stage2_steps=2,
                       calib_blocks=4, save_steps=100, log_steps=100)

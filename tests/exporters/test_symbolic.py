@@ -3,8 +3,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from exporters.symbolic import emit_sparse_ffn
-from plugins import spec
+from lte_convert.exporters.symbolic import emit_sparse_ffn
+from lte_convert.plugins import spec
 
 D, F, S = 8, 16, 4
 

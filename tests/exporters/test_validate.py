@@ -6,9 +6,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter.cli import main
-from exporters.onnx_export import data_path, export_checkpoint
-from plugins import spec
+from lte_convert.converter.cli import main
+from lte_convert.exporters.onnx_export import data_path, export_checkpoint
+from lte_convert.plugins import spec
 from tests.exporters.conftest import tiny_checkpoint
 
 
@@ -147,7 +147,7 @@ def test_export_cli_dtype_overflow_leaves_nothing(capsys, tmp_path):
 
 def test_masks_flip_counting():
     """compare_step counts flips per layer; tokens from the first flip on are exempt (causal)."""
-    from exporters.validate import compare_step, judge
+    from lte_convert.exporters.validate import compare_step, judge
 
     tol = {"atol": 1e-3, "rtol": 0.0, "max_flip_rate": 0.1}
     logits = np.zeros((2, 4, 5), np.float32)

@@ -5,10 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugins import cpu
-from plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
+from lte_convert.plugins import cpu
+from lte_convert.plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
                                sparse_ffn_up_reference)
-from plugins.spec import ACTIVATIONS
+from lte_convert.plugins.spec import ACTIVATIONS
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import plugins  # noqa: F401  (registers torch.ops.lte)
-from plugins import ops
-from plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
+import lte_convert.plugins  # noqa: F401  (registers torch.ops.lte)
+from lte_convert.plugins import ops
+from lte_convert.plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
                                sparse_ffn_up_reference)
-from plugins.spec import FFNShape
+from lte_convert.plugins.spec import FFNShape
 
 D, F, S = 24, 96, 16
 E = F // S
@@ -96,7 +96,7 @@ def test_entry_point_runs_the_op_and_checks_gating():
 
 def test_entry_point_emits_onnx_nodes_under_torch_export():
     """While exporting, LTE modules get exporters.symbolic's node pair, not the kernel."""
-    pytest.importorskip("exporters.symbolic")
+    pytest.importorskip("lte_convert.exporters.symbolic")
     x, mask, w = inputs(lead=(3,))
     shape = FFNShape(d=D, d_ff=F, expert_size=S, activation="silu", gated=True)
 
@@ -200,8 +200,8 @@ def test_folded_model_generate_runs_the_op(family):
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from converter.checkpoint import fold
-    from converter.surgery import convert_model, lte_modules, set_mode
+    from lte_convert.converter.checkpoint import fold
+    from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
     from tests.tiny_models import random_ids, tiny_model
 
     model = convert_model(tiny_model(family)[0], expert_size=8)
@@ -231,8 +231,8 @@ def test_folded_model_compiled_static_cache_generate_matches_eager():
     with a full graph, traces the op and gives the eager tokens."""
     from transformers import CompileConfig
 
-    from converter.checkpoint import fold
-    from converter.surgery import convert_model
+    from lte_convert.converter.checkpoint import fold
+    from lte_convert.converter.surgery import convert_model
     from tests.tiny_models import random_ids, tiny_model
 
     model = convert_model(tiny_model("llama")[0], expert_size=8).eval()
@@ -251,14 +251,14 @@ def test_folded_model_compiled_static_cache_generate_matches_eager():
 
 
 # ---------------------------------------------------------------------------------------------
-# `lte-convert bench` (plugins/cli.py over samples/bench_ffn.py): runs, writes its JSON
+# `lte-convert bench` (plugins/cli.py over plugins/bench.py): runs, writes its JSON
 # ---------------------------------------------------------------------------------------------
 def test_bench_command_writes_json(tmp_path, capsys):
     import json
 
     from click.testing import CliRunner
 
-    from plugins.cli import bench
+    from lte_convert.plugins.cli import bench
     out = tmp_path / "b.json"
     result = CliRunner().invoke(bench, ["--shapes", "smollm2", "--tokens", "1,3", "--sparsity",
                                         "0,0.75", "--layers", "2", "--reps", "2", "--device",
@@ -280,7 +280,7 @@ def test_bench_command_writes_json(tmp_path, capsys):
 
 
 def test_bench_command_unknown_shape_is_a_user_error():
-    from converter.cli import main
+    from lte_convert.converter.cli import main
     with pytest.raises(SystemExit) as e:
         main(["bench", "--shapes", "gpt5", "--device", "cpu"])
     assert e.value.code == 2

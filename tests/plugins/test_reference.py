@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from plugins.reference import sparse_ffn_reference
-from plugins.spec import FFNShape, check_inputs
+from lte_convert.plugins.reference import sparse_ffn_reference
+from lte_convert.plugins.spec import FFNShape, check_inputs
 
 
 def _weights(d, F, gated, bias, dtype=torch.float32):

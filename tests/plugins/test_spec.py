@@ -1,7 +1,7 @@
 """plugins/spec.py: which weight pairs `gate_up_pair` sees as one [2, F, d] view."""
 import torch
 
-from plugins.spec import gate_up_pair
+from lte_convert.plugins.spec import gate_up_pair
 
 
 def test_gate_up_pair_detection():

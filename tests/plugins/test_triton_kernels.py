@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from plugins.reference import (  # noqa: E402
+from lte_convert.plugins.reference import (  # noqa: E402
     sparse_ffn_down_reference, sparse_ffn_reference, sparse_ffn_up_reference)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def _kernel_case(tk, case, path, dt):
 
 
 def _run_interpret():
-    import plugins.triton_kernels as tk
+    import lte_convert.plugins.triton_kernels as tk
 
     out = {}
     jobs = [(i, lambda c=c, p=p, dt=dt: _kernel_case(tk, c, p, dt))
@@ -146,7 +146,7 @@ def _run_aot():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    import plugins.triton_kernels as tk
+    import lte_convert.plugins.triton_kernels as tk
 
     ptxas = shutil.which("ptxas")
     out = {}
@@ -188,7 +188,7 @@ REAL_SHAPES = {"llama2-7b": (4096, 11008, 32), "smollm2": (576, 1536, 32)}
 def _run_interpret_real():
     """One token through the default launch configs at real shapes (LLaMA2-7B's is ≈3 min
     under the interpreter), outputs NaN-poisoned first; fp32 and fp16."""
-    import plugins.triton_kernels as tk
+    import lte_convert.plugins.triton_kernels as tk
 
     out = {}
     for name, (d, F, s) in REAL_SHAPES.items():
@@ -280,7 +280,7 @@ def test_aot_compile_fits_plugin_rules(aot, name):
 
 
 def test_one_token_down_walks_active_experts_when_the_expert_size_allows():
-    from plugins import triton_kernels as tk
+    from lte_convert.plugins import triton_kernels as tk
 
     assert tk.launch_config("down", 1, 4096, 11008, 32).compact == 512    # 344 experts
     assert tk.launch_config("down", 1, 576, 1536, 32).compact == 64       # 48 experts
@@ -292,7 +292,7 @@ def test_one_token_down_walks_active_experts_when_the_expert_size_allows():
 
 
 def test_launchers_reject_bad_inputs_with_the_shapes():
-    from plugins import triton_kernels
+    from lte_convert.plugins import triton_kernels
 
     p = _problem(2, 16, 32, 16, True, False, torch.float32, "on", seed=0)
     with pytest.raises(ValueError, match=r"mask must be a contiguous bool tensor of shape "

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SNIPPET = """
 import torch
 from samples import gpu_bench as gb
-from plugins.reference import sparse_ffn_reference
+from lte_convert.plugins.reference import sparse_ffn_reference
 gb.DEV, gb.DTYPE = "cpu", torch.float32
 d, F, s = gb.OVERHEAD_SHAPE
 w = gb.weights(d, F)

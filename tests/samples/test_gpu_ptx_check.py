@@ -5,9 +5,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-from plugins import spec  # noqa: E402
+from lte_convert.plugins import spec  # noqa: E402
 from samples import gpu_ptx_check as g  # noqa: E402
-from trt_plugins import aot  # noqa: E402
+from lte_convert.trt_plugins import aot  # noqa: E402
 
 
 def test_plan_covers_every_target_dtype_op_and_tactic_of_the_main_case():

@@ -8,10 +8,10 @@ import pytest
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from converter.errors import UserError  # noqa: E402
-from plugins import spec  # noqa: E402
-from plugins import triton_kernels as tk  # noqa: E402
-from trt_plugins import aot  # noqa: E402
+from lte_convert.errors import UserError  # noqa: E402
+from lte_convert.plugins import spec  # noqa: E402
+from lte_convert.plugins import triton_kernels as tk  # noqa: E402
+from lte_convert.trt_plugins import aot  # noqa: E402
 
 D, F, S = 576, 1536, 32                   # SmolLM2-135M's FFN
 OPS = {spec.OP_UP: (tk.sparse_ffn_up_kernel, spec.UP_INPUTS, spec.UP_OUTPUTS, "up"),

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter.cli import main
-from converter.errors import UserError
-from plugins import spec
-from trt_plugins import builder
+from lte_convert.converter.cli import main
+from lte_convert.errors import UserError
+from lte_convert.plugins import spec
+from lte_convert.trt_plugins import builder
 
 D, F, S = 8, 16, 4
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -140,9 +140,9 @@ def test_prepare_and_profile_a_real_export(tmp_path):
     import torch
     from tiny_models import tiny_model
 
-    from converter.checkpoint import fold
-    from converter.surgery import convert_model
-    from exporters.onnx_export import export_model
+    from lte_convert.converter.checkpoint import fold
+    from lte_convert.converter.surgery import convert_model
+    from lte_convert.exporters.onnx_export import export_model
 
     model, _ = tiny_model("llama")
     model = convert_model(model, expert_size=16)

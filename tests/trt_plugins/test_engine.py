@@ -16,11 +16,11 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("TensorRT engines need a CUDA GPU; none is visible", allow_module_level=True)
 
-from converter.errors import UserError  # noqa: E402
-from exporters.backends import OrtBackend  # noqa: E402
-from exporters.validate import cache_layout, run_steps  # noqa: E402
-from trt_plugins import builder  # noqa: E402
-from trt_plugins.runner import EngineRunner  # noqa: E402
+from lte_convert.errors import UserError  # noqa: E402
+from lte_convert.exporters.backends import OrtBackend  # noqa: E402
+from lte_convert.exporters.validate import cache_layout, run_steps  # noqa: E402
+from lte_convert.trt_plugins import builder  # noqa: E402
+from lte_convert.trt_plugins.runner import EngineRunner  # noqa: E402
 
 pytestmark = pytest.mark.tensorrt
 # fp32 engines may use TF32 in TensorRT's own matmuls (its default); the plugin is fp32 IEEE
@@ -32,9 +32,9 @@ DIMS = {"batch": (1, 2, 2), "seq": (1, 8, 16), "past_seq": (0, 8, 16)}
 def export_tiny(path, dtype):
     from tiny_models import tiny_model
 
-    from converter.checkpoint import fold
-    from converter.surgery import convert_model
-    from exporters.onnx_export import export_model
+    from lte_convert.converter.checkpoint import fold
+    from lte_convert.converter.surgery import convert_model
+    from lte_convert.exporters.onnx_export import export_model
 
     model, _ = tiny_model("llama")
     model = convert_model(model, expert_size=16)
@@ -69,11 +69,11 @@ def test_engine_matches_onnxruntime_prefill_and_decode(built):
 def test_engine_runs_without_the_python_plugin(built):
     """AOT: deserialising and running the engine needs no trt_plugins.plugin import."""
     _, src, plan, _ = built
-    code = ("import sys, numpy as np; from trt_plugins.runner import EngineRunner; "
+    code = ("import sys, numpy as np; from lte_convert.trt_plugins.runner import EngineRunner; "
             f"r = EngineRunner({str(plan)!r}); "
             "feeds = {n: np.zeros(r.profile()[n][0], np.int64 if 'past' not in n else np.float32) "
             "for n in r.inputs}; feeds['attention_mask'][:] = 1; r.run(feeds); "
-            "assert 'trt_plugins.plugin' not in sys.modules; print('ok')")
+            "assert 'lte_convert.trt_plugins.plugin' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
 

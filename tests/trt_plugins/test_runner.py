@@ -4,9 +4,9 @@ import importlib.util
 
 import pytest
 
-from converter.cli import main
-from converter.errors import UserError
-from trt_plugins.runner import EngineRunner
+from lte_convert.converter.cli import main
+from lte_convert.errors import UserError
+from lte_convert.trt_plugins.runner import EngineRunner
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
                                 reason="TensorRT is installed: this checks the message without it")

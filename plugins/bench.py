@@ -1,6 +1,6 @@
 """Benchmark lte.SparseFFN against the dense FFN PyTorch runs for the same model.
 
-    python -m samples.bench_ffn --shapes smollm2,llama2-7b --tokens 1,4,16 --json out.json
+    python -m lte_convert.plugins.bench --shapes smollm2,llama2-7b --tokens 1,4,16 --json out.json
     lte-convert bench ...            (same options)
 
 For each shape, sparsity and token count it times, per FFN layer:
@@ -19,7 +19,7 @@ processes on a shared machine hits both alike; the median over repeats is report
 
 Masks: random per token (each expert on with probability 1 − sparsity, drawn independently),
 or recorded from a real LTE model with `--masks FILE` (a safetensors file of bool tensors
-[tokens, E] per layer, keys `layer.<i>`, as samples/bench_decode.py --record-masks writes;
+[tokens, E] per layer, keys `layer.<i>`, as lte_convert/bench_decode.py --record-masks writes;
 --sparsity is then ignored and the masks' own mean sparsity is reported; a call with T tokens
 uses the last T rows of each layer: the decode steps, then the prompt's tokens).
 
@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import plugins  # noqa: F401  (registers torch.ops.lte)
-from converter.errors import UserError, exit_with
-from plugins.reference import ACT_FNS
+import lte_convert.plugins  # noqa: F401  (registers torch.ops.lte)
+from lte_convert.errors import UserError, exit_with
+from lte_convert.plugins.reference import ACT_FNS
 
 # name -> (d, d_ff, layers in the model)
 SHAPES = {"smollm2": (576, 1536, 30), "llama2-7b": (4096, 11008, 32)}
@@ -280,7 +280,7 @@ def main(argv=None):
         del layers
     print_table(rows)
     if args.json:
-        from converter.atomic import atomic_path
+        from lte_convert.atomic import atomic_path
         with atomic_path(args.json) as tmp:
             Path(tmp).write_text(json.dumps({"torch": torch.__version__,
                                              "threads": torch.get_num_threads(),

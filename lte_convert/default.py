@@ -25,8 +25,8 @@ import json
 import os
 from pathlib import Path
 
-from converter.atomic import atomic_path
-from converter.errors import UserError
+from lte_convert.atomic import atomic_path
+from lte_convert.errors import UserError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

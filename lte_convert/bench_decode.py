@@ -1,10 +1,10 @@
 """End-to-end decode speed: tokens/s of `generate()` for the dense model and its LTE version.
 
-    python -m samples.bench_decode                     # SmolLM2-135M sample, 0.5 sparsity
-    python -m samples.bench_decode --model LTE_DIR     # a saved LTE checkpoint (folded)
-    python -m samples.bench_decode --device cuda --dtype bfloat16 [--static-cache]
+    python -m lte_convert.bench_decode                     # SmolLM2-135M sample, 0.5 sparsity
+    python -m lte_convert.bench_decode --model LTE_DIR     # a saved LTE checkpoint (folded)
+    python -m lte_convert.bench_decode --device cuda --dtype bfloat16 [--static-cache]
 
-Without --model, the embedded SmolLM2-135M (samples/default.py) is converted here
+Without --model, the embedded SmolLM2-135M (lte_convert/default.py) is converted here
 (converter.surgery.convert_model: k-means experts of 32, routers at their initialisation) and
 folded with per-layer offsets calibrated on the decode steps of another text so that each
 layer keeps 1 − sparsity of its experts on average. The routers are untrained, so the text it
@@ -18,7 +18,7 @@ model: the same function, with no LTE FFNs).
 Both models decode the same prompt greedily for --new-tokens tokens (min = max, so both
 produce exactly that many); dense and LTE runs alternate, and the median over --reps is
 reported. --record-masks FILE saves the masks each layer used (safetensors, `layer.<i>`
-[tokens, E]) for `samples/bench_ffn.py --masks`.
+[tokens, E]) for `plugins/bench.py --masks`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from converter.errors import UserError, exit_with
+from lte_convert.errors import UserError, exit_with
 
 PROMPT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to "
           "suffer the slings and arrows of outrageous fortune, or to take arms against a sea "
@@ -49,7 +49,7 @@ def calibrate_offsets(model, tokenizer, sparsity: float, text: str = CALIBRATION
     the (token, expert) pairs seen while decoding `text` greedily (model in "dense" mode):
     offset_l = −quantile(z − logit(τ), sparsity). Decode steps, not the prompt, are what
     the benchmark times, and their router logits differ from the prompt's."""
-    from converter.surgery import lte_modules
+    from lte_convert.converter.surgery import lte_modules
     modules = lte_modules(model)
     inputs = {i: [] for i in range(len(modules))}
 
@@ -78,7 +78,7 @@ class MaskRecorder:
     """Records each folded LTE layer's mask during generation (forward pre-hooks)."""
 
     def __init__(self, model):
-        from converter.surgery import lte_modules
+        from lte_convert.converter.surgery import lte_modules
         self.masks = {}
         self.hooks = [m.register_forward_pre_hook(self._hook(i)) for i, m in lte_modules(model)]
 
@@ -107,15 +107,15 @@ class MaskRecorder:
 def load_models(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from converter.checkpoint import fold, load_lte_model
-    from converter.surgery import convert_model
+    from lte_convert.converter.checkpoint import fold, load_lte_model
+    from lte_convert.converter.surgery import convert_model
     dtype = getattr(torch, args.dtype)
     if args.model:
         lte, info = load_lte_model(args.model, dtype=dtype)
         dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(args.model)
         return dense.eval(), lte.eval(), tok, {"source": str(args.model), "lte_info": info}
-    from samples.default import default_model_dir
+    from lte_convert.default import default_model_dir
     path = default_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
@@ -157,10 +157,10 @@ def main(argv=None):
     p.add_argument("--record-masks", default=None, help="save the LTE masks here (safetensors)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from samples.bench_ffn import set_up_clock
+    from lte_convert.plugins.bench import set_up_clock
     clock = set_up_clock(args, torch.device(args.device).type)
 
-    import plugins  # noqa: F401
+    import lte_convert.plugins  # noqa: F401
     dense, lte, tok, meta = load_models(args)
     dense, lte = dense.to(args.device), lte.to(args.device)
     ids = tok(PROMPT, return_tensors="pt").to(args.device)
@@ -191,11 +191,11 @@ def main(argv=None):
     if args.record_masks:
         from safetensors.torch import save_file
 
-        from converter.atomic import atomic_path
+        from lte_convert.atomic import atomic_path
         with atomic_path(args.record_masks) as tmp:
             save_file({k: v.contiguous() for k, v in recorder.stacked().items()}, str(tmp))
     if args.json:
-        from converter.atomic import atomic_path
+        from lte_convert.atomic import atomic_path
         with atomic_path(args.json) as tmp:
             Path(tmp).write_text(json.dumps(row, indent=1, default=str))
     return row
