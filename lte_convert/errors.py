@@ -14,8 +14,15 @@ class UserError(Exception):
     """
 
 
+def format_error(error: Exception, width: int = 100) -> str:
+    """`error: <message>` wrapped at `width`, breaking only at spaces: a path, a command such
+    as `lte-convert`, or a long value stays on one line whole."""
+    return textwrap.fill(f"error: {error}", width=width, break_on_hyphens=False,
+                         break_long_words=False)
+
+
 def exit_with(error: UserError) -> NoReturn:
     """Print `error` as one paragraph (no traceback) on stderr and exit with status 2: how
     `lte-convert` and the sample scripts end on a user error."""
-    print(textwrap.fill(f"error: {error}", width=100), file=sys.stderr)
+    print(format_error(error), file=sys.stderr)
     sys.exit(2)
