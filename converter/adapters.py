@@ -14,6 +14,11 @@ so it works for the base model and every head class); the others are relative to
   every op after the down projection (dropout, residual, LayerNorm) stays where it is.
 
 Adding a family: one `Adapter(...)` line in REGISTRY, and a config in tests/tiny_models.py.
+
+A family the registry does not name gets an adapter derived from its module tree and config
+(converter/derive.py), proven on the model before use and printed so it can be added here.
+A derived adapter travels with the model as `config.lte_adapter` (a dict of these fields), so
+the saved checkpoint's config.json carries it and loading needs no second derivation.
 """
 from __future__ import annotations
 
@@ -41,14 +46,19 @@ class Adapter:
     gate: str | None = None      # gated FFNs only
     identity: tuple[str, ...] = ()   # block-relative modules replaced by nn.Identity
     act_field: str = "hidden_act"    # config field with the HF activation name
-    size_field: str = "intermediate_size"   # config field with d_ff (updated when padding)
+    size_field: str | None = "intermediate_size"  # config field with d_ff (set when padding)
     conv1d: bool = False         # GPT-2 Conv1D: weight stored [in, out]
+    fused: str | None = None     # "gate_up" | "up_gate": `up` is one projection to 2·d_ff,
+                                 # its output halves are (gate, up) or (up, gate)
+    act: str | None = None       # fixed activation (plugins.spec name) when no config field has it
 
     @property
     def gated(self) -> bool:
-        return self.gate is not None
+        return self.gate is not None or self.fused is not None
 
     def activation(self, config) -> str:
+        if self.act is not None:
+            return self.act
         name = getattr(config, self.act_field)
         if name not in HF_ACTIVATIONS:
             raise UserError(
@@ -85,17 +95,28 @@ REGISTRY: dict[str, Adapter] = {
 
 
 def get_adapter(config) -> Adapter:
-    """The adapter for `config.model_type`, or a UserError listing the supported ones."""
+    """The model's adapter: the derived one it carries (`config.lte_adapter`), else the
+    registry's for `config.model_type`, else a UserError listing the supported ones."""
+    carried = getattr(config, "lte_adapter", None)
+    if carried:
+        return Adapter(**{**carried, "identity": tuple(carried.get("identity", ()))})
     model_type = getattr(config, "model_type", None)
     if model_type not in REGISTRY:
         raise UserError(
-            f"Model type {model_type!r} is not supported by lte-convert. Supported model types: "
-            f"{', '.join(sorted(REGISTRY))}. Use a model of one of these architectures, or add "
-            "an Adapter entry for yours in converter/adapters.py.")
+            f"Model type {model_type!r} has no lte-convert adapter. Registered model types: "
+            f"{', '.join(sorted(REGISTRY))}; other decoders get theirs derived when converted "
+            "(converter.surgery.convert_model), or add an Adapter entry for yours in "
+            "converter/adapters.py.")
     return REGISTRY[model_type]
 
 
-def intermediate_size(adapter: Adapter, config) -> int:
-    """d_ff from the config (GPT-2's n_inner may be None, meaning 4·n_embd)."""
-    size = getattr(config, adapter.size_field)
-    return 4 * config.hidden_size if size is None else int(size)
+def as_source(adapter: Adapter) -> str:
+    """The adapter as a REGISTRY line, defaults left out (what a user pastes into this file)."""
+    default = Adapter(adapter.family, adapter.layers, adapter.ffn, adapter.up, adapter.down)
+    fields = [f"layers={adapter.layers!r}", f"ffn={adapter.ffn!r}", f"up={adapter.up!r}",
+              f"down={adapter.down!r}"]
+    for name in ("gate", "identity", "act_field", "size_field", "conv1d", "fused", "act"):
+        value = getattr(adapter, name)
+        if value != getattr(default, name):
+            fields.append(f"{name}={value!r}")
+    return f"{adapter.family!r}: Adapter({adapter.family!r}, {', '.join(fields)}),"

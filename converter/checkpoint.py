@@ -8,9 +8,16 @@
     <folder>/lte.json                         format + version, expert_size, tau, folded,
                                               mode, offsets, per-layer data, provenance
 
-`from_pretrained` alone gives the plain (permuted, dense) model; `load_lte_model` rebuilds
-the LTE FFNs (no re-grouping: the weights are already grouped) and loads the routers, so
-reloading gives identical logits. Weights are read from safetensors only.
+`load_lte_model` rebuilds the LTE FFNs (no re-grouping: the weights are already grouped)
+and loads the routers, so reloading gives identical logits. Weights are read from safetensors
+only. A fused gate/up projection is saved fused again, in its original layout.
+
+Loading through transformers' Auto classes is made to fail loudly: config.json's model_type
+is MODEL_TYPE, which names the right loader (the real one is kept as `lte_model_type`), so
+`AutoModelForCausalLM.from_pretrained(folder)` stops with "model type `lte-convert (load with
+lte_convert.converter.checkpoint.load_lte_model)` ... not recognized" instead of silently
+returning the dense model without its routers, which writes other text. `hf_config(folder)`
+gives the real config (for the dense model: `Cls.from_pretrained(folder, config=...)`).
 
 Folding (LTE.md step 5): σ(z) > τ ⇔ z > logit(τ), so with b' = b − logit(τ) + offset_l the
 mask is z' > 0; with offset 0 it selects exactly the experts the stage-2 rule selects.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,7 +41,8 @@ from lte_convert.errors import UserError
 from lte_convert.converter.surgery import blocks, lte_modules, wrap_model
 
 FORMAT = "lte-convert-checkpoint"
-VERSION = 1
+VERSION = 2           # 2: config.json's model_type is MODEL_TYPE
+MODEL_TYPE = "lte-convert (load with lte_convert.converter.checkpoint.load_lte_model)"
 LTE_JSON = "lte.json"
 ROUTERS = "lte_routers.safetensors"
 
@@ -82,13 +91,18 @@ def _hf_state_dict(model) -> dict:
         base = f"{prefix}.{i}."
         for key in [k for k in sd if k.startswith(base + adapter.ffn + ".")]:
             del sd[key]
-        if adapter.conv1d:                          # Conv1D weight: [in, out]
-            up_w, down_w = m.w_up.t(), m.w_down_t
-        else:                                       # nn.Linear weight: [out, in]
-            up_w, down_w = m.w_up, m.w_down_t.t()
-        named = {adapter.up: (up_w, m.b_up), adapter.down: (down_w, m.b_down)}
-        if adapter.gated:
+        up_w, up_b = m.w_up, m.b_up
+        if adapter.fused:                           # one projection: halves in its order
+            halves = [(m.w_gate, m.b_gate), (m.w_up, m.b_up)]
+            if adapter.fused == "up_gate":
+                halves.reverse()
+            up_w = torch.cat([w for w, _ in halves])
+            up_b = None if m.b_up is None else torch.cat([b for _, b in halves])
+        named = {adapter.up: (up_w, up_b), adapter.down: (m.w_down_t.t(), m.b_down)}
+        if adapter.gate:
             named[adapter.gate] = (m.w_gate, m.b_gate)
+        if adapter.conv1d:                          # Conv1D weight: [in, out]
+            named = {k: (w.t(), b) for k, (w, b) in named.items()}
         for module, (w, b) in named.items():
             sd[f"{base}{module}.weight"] = w.detach().contiguous()
             if b is not None:
@@ -111,7 +125,7 @@ def _lte_info(model, info: dict) -> dict:
         "d_ff": first.shape.d_ff, "d_ff_original": first.d_ff_original,
         "activation": first.shape.activation, "gated": first.shape.gated,
         "tau": first.tau, "folded": folded, "mode": first.mode,
-        "layers": [i for i, _ in modules],
+        "layers": [i for i, _ in modules], "adapter": asdict(adapter),
         "offsets": [m.fold_offset for _, m in modules] if folded else None,
         "saved_with": versions,
     }
@@ -152,6 +166,9 @@ def save_lte_checkpoint(model, path, info: dict | None = None, overwrite: bool =
         routers[f"{i}.bias"] = m.router.bias.detach().cpu().contiguous()
     with atomic_path(path, is_dir=True) as tmp:
         model.save_pretrained(tmp, state_dict=_hf_state_dict(model), safe_serialization=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config.update(model_type=MODEL_TYPE, lte_model_type=config["model_type"])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(routers, str(tmp / ROUTERS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -187,6 +204,63 @@ def read_lte_info(path) -> dict:
     return info
 
 
+def check_remote_code(folder, trust_remote_code: bool) -> dict:
+    """config.json of a model folder as a dict; a UserError when it asks for the authors' own
+    code (auto_map) and --trust-remote-code was not given, even for a built-in model type
+    (transformers would then quietly use its built-in class instead of the authors' code)."""
+    file = Path(folder) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"Could not read {file}: {e}") from None
+    if config.get("auto_map") and not trust_remote_code:
+        names = ", ".join(f"{k}: {v}" for k, v in config["auto_map"].items())
+        raise UserError(
+            f"{file} has an auto_map ({names}): the model's authors ship their own Python code "
+            "for it. lte-convert runs that code only when you pass --trust-remote-code (read it "
+            "first). Without it, transformers would quietly use its built-in "
+            f"{config.get('lte_model_type', config.get('model_type'))!r} classes instead, which "
+            "may not be the model the authors made.")
+    return config
+
+
+def _dynamic_class(ref: str, folder: Path):
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(ref, str(folder))
+
+
+def hf_config(path, trust_remote_code: bool = False):
+    """The checkpoint's transformers config, with its real model type (see the module doc)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path)
+    info = read_lte_info(path)
+    data = check_remote_code(path, trust_remote_code)
+    data["model_type"] = data.pop("lte_model_type", info["model_type"])
+    auto_map = data.get("auto_map") or {}
+    if "AutoConfig" in auto_map:
+        cls = _dynamic_class(auto_map["AutoConfig"], path)
+    elif data["model_type"] in CONFIG_MAPPING:
+        cls = CONFIG_MAPPING[data["model_type"]]
+    else:
+        raise UserError(f"{path}/config.json has model type {data['model_type']!r}, which "
+                        f"transformers {transformers.__version__} does not have.")
+    config = cls.from_dict(data)
+    config._name_or_path = str(path)
+    return config
+
+
+def _model_class(path: Path, info: dict, config):
+    ref = next((v for v in (getattr(config, "auto_map", None) or {}).values()
+                if v.split(".")[-1] == info["architecture"]), None)
+    cls = _dynamic_class(ref, path) if ref else getattr(transformers, info["architecture"], None)
+    if cls is None:
+        raise UserError(f"{path}/lte.json names architecture {info['architecture']!r}, which "
+                        f"transformers {transformers.__version__} does not have.")
+    return cls
+
+
 def load_lte_model(path, dtype=None, device="cpu", trust_remote_code: bool = False):
     """(model, info): the HF model with LTE FFNs, routers loaded, mode from lte.json."""
     path = Path(path)
@@ -197,14 +271,11 @@ def load_lte_model(path, dtype=None, device="cpu", trust_remote_code: bool = Fal
                         "safetensors only (never pickled .bin files). Re-save the checkpoint.")
     if not (path / ROUTERS).is_file():
         raise UserError(f"{path} has no {ROUTERS}; the checkpoint is incomplete. Re-save it.")
-    cls = getattr(transformers, info["architecture"], None)
-    if cls is None:
-        raise UserError(f"{path}/lte.json names architecture {info['architecture']!r}, which "
-                        f"transformers {transformers.__version__} does not have.")
-    kwargs = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    config = hf_config(path, trust_remote_code)
+    kwargs = {"use_safetensors": True, "config": config}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = cls.from_pretrained(path, **kwargs).to(device)
+    model = _model_class(path, info, config).from_pretrained(path, **kwargs).to(device)
     wrap_model(model, info["expert_size"], tau=info["tau"], permute=False)
     routers = load_file(str(path / ROUTERS), device=str(device))
     modules = lte_modules(model)

@@ -2,8 +2,10 @@
 replacement, never a patched `forward`).
 
 convert_model(model, expert_size, seed):
-    1. adapter = REGISTRY[config.model_type]                   (converter/adapters.py)
-    2. per block: read W_gate/W_up/W_down (+ biases) into the kernel layout [F, d]
+    1. adapter = REGISTRY[config.model_type], or derived from the model (converter/derive.py);
+       either is proven on the model before use
+    2. per block: read W_gate/W_up/W_down (+ biases) into the kernel layout [F, d]; a fused
+       gate/up projection is split into its two halves
     3. balanced k-means on the rows of W_gate (W_up if non-gated) → permutation
        (converter/grouping.py); zero-pad to F = ceil(d_ff / s)·s neurons
     4. LTEFFN(mode="dense") with the permuted weights; router initialised below
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from lte_convert.converter import grouping
-from lte_convert.converter.adapters import Adapter, get_adapter, intermediate_size
+from lte_convert.converter.adapters import Adapter, get_adapter
 from lte_convert.errors import UserError
 from lte_convert.converter.lte_ffn import MODES, ROUTER_INIT_BIAS, LTEFFN
 from lte_convert.plugins.spec import FFNShape
@@ -54,16 +56,24 @@ def lte_modules(model) -> list[tuple[int, LTEFFN]]:
     return out
 
 
-def _read_ffn(block, adapter: Adapter) -> dict:
-    """The block's FFN weights in kernel layout: w_gate/w_up/w_down_t [F, d], biases."""
-    up, down = block.get_submodule(adapter.up), block.get_submodule(adapter.down)
-    if adapter.conv1d:             # Conv1D: y = x @ W + b with W [in, out]
-        w = dict(w_up=up.weight.t(), b_up=up.bias, w_down_t=down.weight, b_down=down.bias)
-    else:                          # nn.Linear: y = x @ Wᵀ + b with W [out, in]
-        w = dict(w_up=up.weight, b_up=up.bias, w_down_t=down.weight.t(), b_down=down.bias)
-    if adapter.gated:
-        gate = block.get_submodule(adapter.gate)
-        w.update(w_gate=gate.weight, b_gate=gate.bias)
+def _rows(module, conv1d: bool):
+    """(weight [out, in], bias [out] | None) of an nn.Linear or a Conv1D (weight [in, out])."""
+    return (module.weight.t() if conv1d else module.weight), module.bias
+
+
+def read_ffn(block, adapter: Adapter) -> dict:
+    """The block's FFN weights in kernel layout: w_gate/w_up/w_down_t [F, d], biases.
+    A fused projection [2F, d] is split into its halves in the adapter's order."""
+    w_up, b_up = _rows(block.get_submodule(adapter.up), adapter.conv1d)
+    w_down, b_down = _rows(block.get_submodule(adapter.down), adapter.conv1d)
+    w = dict(w_up=w_up, b_up=b_up, w_down_t=w_down.t(), b_down=b_down)
+    if adapter.fused:
+        halves = [(wh, bh) for wh, bh in zip(w_up.chunk(2), (None, None) if b_up is None
+                                             else b_up.chunk(2))]
+        (w["w_gate"], w["b_gate"]), (w["w_up"], w["b_up"]) = (
+            halves if adapter.fused == "gate_up" else halves[::-1])
+    elif adapter.gated:
+        w["w_gate"], w["b_gate"] = _rows(block.get_submodule(adapter.gate), adapter.conv1d)
     return {k: (None if v is None else v.detach()) for k, v in w.items()}
 
 
@@ -103,23 +113,37 @@ def _install(block, adapter: Adapter, ffn: LTEFFN):
 def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, seed: int = 0):
     """Replace every FFN by an LTEFFN. permute=False keeps the neuron order (loading an LTE
     checkpoint, whose weights are already grouped and padded); the router then stays at its
-    default init, to be overwritten by the saved routers."""
-    adapter = get_adapter(model.config)
+    default init, to be overwritten by the saved routers. permute=True (converting) first
+    proves the adapter on the model (converter/derive.py), deriving one if need be."""
     if not isinstance(expert_size, int) or isinstance(expert_size, bool) or expert_size <= 0:
         raise UserError(f"expert_size must be a positive integer, got {expert_size!r}. "
                         "The LTE paper uses 32.")
-    if lte_modules(model):
+    if any(isinstance(m, LTEFFN) for m in model.modules()):
         raise UserError("This model already has LTE FFNs (it was converted before, or loaded "
                         "from an LTE checkpoint). Convert the original Hugging Face model instead.")
+    if permute:
+        from lte_convert.converter.derive import resolve_adapter
+        adapter = resolve_adapter(model)
+    else:
+        adapter = get_adapter(model.config)
     activation = adapter.activation(model.config)
-    d_ff = intermediate_size(adapter, model.config)
+    layer_list = blocks(model, adapter)[1]
+    d_ff = read_ffn(layer_list[0], adapter)["w_up"].shape[0]
     if not permute and d_ff % expert_size:
         raise UserError(f"The checkpoint's intermediate size {d_ff} is not a multiple of its "
                         f"expert_size {expert_size}; the LTE checkpoint is inconsistent.")
     F = -(-d_ff // expert_size) * expert_size
-    for i, block in enumerate(blocks(model, adapter)[1]):
-        w = _read_ffn(block, adapter)
-        assert w["w_up"].shape[0] == d_ff, (i, tuple(w["w_up"].shape), d_ff)
+    if F != d_ff and adapter.size_field is None:
+        raise UserError(f"The FFN size {d_ff} is not a multiple of expert_size {expert_size}, "
+                        f"and no config field of this {adapter.family} model holds the FFN size, "
+                        "so a zero-padded checkpoint could not be loaded again. Pass an "
+                        f"expert size that divides {d_ff} (--expert-size).")
+    for i, block in enumerate(layer_list):
+        w = read_ffn(block, adapter)
+        if w["w_up"].shape[0] != d_ff:
+            raise UserError(f"Layer {i} of this {adapter.family} model has an FFN of "
+                            f"{w['w_up'].shape[0]} neurons, layer 0 has {d_ff}; lte-convert "
+                            "needs one FFN size for all layers.")
         if permute:
             key = w["w_gate"] if adapter.gated else w["w_up"]
             perm = grouping.expert_permutation(key, expert_size, seed=seed + i)
@@ -132,7 +156,8 @@ def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, 
             _init_router(ffn, perm < d_ff)
             ffn.d_ff_original = d_ff
         _install(block, adapter, ffn)
-    setattr(model.config, adapter.size_field, F)
+    if adapter.size_field is not None:
+        setattr(model.config, adapter.size_field, F)
     return model
 
 

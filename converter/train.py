@@ -115,14 +115,14 @@ def load_lm(model_dir, trust_remote_code: bool = False, dtype=torch.float32):
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    from lte_convert.converter.adapters import get_adapter
+    from lte_convert.converter.checkpoint import check_remote_code
 
     path = check_model_dir(model_dir)
+    check_remote_code(path, trust_remote_code)      # auto_map without the flag fails here
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as e:
         raise UserError(f"Could not read the model config in {path}: {e}") from None
-    get_adapter(config)                  # unsupported architectures fail here, before loading
     archs = config.architectures or []
     if any(a.endswith("ForMaskedLM") for a in archs):
         cls, task = AutoModelForMaskedLM, "mlm"
