@@ -47,6 +47,8 @@ def blocks(model, adapter: Adapter) -> tuple[str, nn.ModuleList]:
 
 def lte_modules(model) -> list[tuple[int, LTEFFN]]:
     """[(layer index, LTEFFN)] in layer order; empty for an unconverted model."""
+    if not any(isinstance(m, LTEFFN) for m in model.modules()):
+        return []
     adapter = get_adapter(model.config)
     out = []
     for i, block in enumerate(blocks(model, adapter)[1]):
@@ -118,7 +120,7 @@ def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, 
     if not isinstance(expert_size, int) or isinstance(expert_size, bool) or expert_size <= 0:
         raise UserError(f"expert_size must be a positive integer, got {expert_size!r}. "
                         "The LTE paper uses 32.")
-    if any(isinstance(m, LTEFFN) for m in model.modules()):
+    if lte_modules(model):
         raise UserError("This model already has LTE FFNs (it was converted before, or loaded "
                         "from an LTE checkpoint). Convert the original Hugging Face model instead.")
     if permute:

@@ -113,12 +113,10 @@ def cache_layout(proto: onnx.ModelProto) -> list[tuple[int, int]]:
 
 def check_reference(meta: dict, ckpt) -> dict:
     """The reference checkpoint's lte.json, after checking it is the model the file holds."""
-    from transformers import AutoConfig
-
-    from lte_convert.converter.checkpoint import read_lte_info
+    from lte_convert.converter.checkpoint import hf_config, read_lte_info
 
     info = read_lte_info(ckpt)
-    cfg = AutoConfig.from_pretrained(ckpt).get_text_config()
+    cfg = hf_config(ckpt).get_text_config()
     theirs = {"model_type": info["model_type"], "expert_size": str(info["expert_size"]),
               "layers": info["layers"], "num_layers": str(cfg.num_hidden_layers),
               "hidden_size": str(cfg.hidden_size), "vocab_size": str(cfg.vocab_size)}

@@ -107,12 +107,13 @@ class MaskRecorder:
 def load_models(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lte_convert.converter.checkpoint import fold, load_lte_model
+    from lte_convert.converter.checkpoint import fold, hf_config, load_lte_model
     from lte_convert.converter.surgery import convert_model
     dtype = getattr(torch, args.dtype)
     if args.model:
         lte, info = load_lte_model(args.model, dtype=dtype)
-        dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        dense = AutoModelForCausalLM.from_pretrained(args.model, config=hf_config(args.model),
+                                                     dtype=dtype)
         tok = AutoTokenizer.from_pretrained(args.model)
         return dense.eval(), lte.eval(), tok, {"source": str(args.model), "lte_info": info}
     from lte_convert.default import default_model_dir
