@@ -12,12 +12,16 @@
 and loads the routers, so reloading gives identical logits. Weights are read from safetensors
 only. A fused gate/up projection is saved fused again, in its original layout.
 
-Loading through transformers' Auto classes is made to fail loudly: config.json's model_type
-is MODEL_TYPE, which names the right loader (the real one is kept as `lte_model_type`), so
-`AutoModelForCausalLM.from_pretrained(folder)` stops with "model type `lte-convert (load with
-lte_convert.converter.checkpoint.load_lte_model)` ... not recognized" instead of silently
-returning the dense model without its routers, which writes other text. `hf_config(folder)`
-gives the real config (for the dense model: `Cls.from_pretrained(folder, config=...)`).
+Loading through transformers' Auto classes gives the LTE model or fails loudly, never the
+dense model without its routers (which writes other text): config.json's model_type is
+MODEL_TYPE, which names the right loader (the real one is kept as `lte_model_type`).
+    - in a process that imported this module, MODEL_TYPE is registered with AutoConfig,
+      AutoModelForCausalLM and AutoModelForMaskedLM: `AutoModelForCausalLM.from_pretrained
+      (folder)` returns `load_lte_model(folder)`'s model, AutoTokenizer works as usual;
+    - anywhere else it stops with "model type `lte-convert (load with lte_convert.converter.
+      checkpoint.load_lte_model)` ... does not recognize this architecture".
+`hf_config(folder)` gives the real config (the dense model: `Cls.from_pretrained(folder,
+config=hf_config(folder))`).
 
 Folding (LTE.md step 5): σ(z) > τ ⇔ z > logit(τ), so with b' = b − logit(τ) + offset_l the
 mask is z' > 0; with offset 0 it selects exactly the experts the stage-2 rule selects.
@@ -179,6 +183,28 @@ def save_lte_checkpoint(model, path, info: dict | None = None, overwrite: bool =
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+class LTECheckpointConfig(transformers.PreTrainedConfig):
+    """What AutoConfig reads from an LTE checkpoint's config.json in this process."""
+
+    model_type = MODEL_TYPE
+
+
+class LTECheckpointLoader:
+    """What the Auto model classes load an LTE checkpoint with: load_lte_model."""
+
+    config_class = LTECheckpointConfig
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, dtype=None, trust_remote_code=False,
+                        **kwargs):
+        return load_lte_model(path, dtype=dtype, trust_remote_code=bool(trust_remote_code))[0]
+
+
+transformers.AutoConfig.register(MODEL_TYPE, LTECheckpointConfig, exist_ok=True)
+for _auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM):
+    _auto.register(LTECheckpointConfig, LTECheckpointLoader, exist_ok=True)
+
+
 def read_lte_info(path) -> dict:
     """lte.json of a checkpoint folder, validated (UserError when it is not one we can read)."""
     path = Path(path)

@@ -5,8 +5,9 @@ import pytest
 import torch
 import transformers
 
-from lte_convert.converter.checkpoint import (FORMAT, VERSION, fold, load_lte_model, read_lte_info,
-                                  save_lte_checkpoint)
+from lte_convert.converter.checkpoint import (FORMAT, MODEL_TYPE, VERSION, check_remote_code,
+                                             fold, hf_config, load_lte_model, read_lte_info,
+                                             save_lte_checkpoint)
 from lte_convert.errors import UserError
 from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
 from tiny_models import random_ids, tiny_model
@@ -106,7 +107,8 @@ def test_round_trip_gives_identical_logits(tmp_path, family, folded):
 def test_saved_folder_is_a_plain_hf_model_with_permuted_padded_weights(tmp_path):
     model, ids, original = _converted("llama", d_ff=150)
     save_lte_checkpoint(model, tmp_path / "ck", {})
-    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ck", use_safetensors=True)
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ck", use_safetensors=True,
+                                                          config=hf_config(tmp_path / "ck"))
     assert plain.config.intermediate_size == 160
     torch.testing.assert_close(_logits(plain, ids), original, rtol=1e-5, atol=2e-6)
     info = json.loads((tmp_path / "ck" / "lte.json").read_text())
@@ -169,3 +171,76 @@ def test_load_in_bf16_converts_lte_weights_and_routers(tmp_path):
     out = _logits(loaded, ids)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading through transformers
+# ---------------------------------------------------------------------------------------------
+def test_auto_classes_give_the_lte_model_in_this_process(tmp_path):
+    model, ids, _ = _converted()
+    _random_routers(model)
+    fold(model)
+    save_lte_checkpoint(model, tmp_path / "ck", {})
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert (config["model_type"], config["lte_model_type"]) == (MODEL_TYPE, "llama")
+    auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert lte_modules(auto) and torch.equal(_logits(auto, ids), _logits(model, ids))
+    assert isinstance(hf_config(tmp_path / "ck"), transformers.LlamaConfig)
+
+
+def test_auto_classes_fail_elsewhere_naming_the_loader(tmp_path):
+    """A fresh process that never imported lte_convert: no silent dense model."""
+    import subprocess
+    import sys
+
+    model, _, _ = _converted()
+    save_lte_checkpoint(fold(model), tmp_path / "ck", {})
+    code = ("import transformers, sys\n"
+            "try:\n    transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "except ValueError as e:\n    print(e)\nelse:\n    print('LOADED')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], capture_output=True,
+                         text=True, timeout=300).stdout
+    assert "lte_convert.converter.checkpoint.load_lte_model" in out and "LOADED" not in out
+
+
+def _remote_code_folder(path, tokenizer=False):
+    """A tiny Llama whose config asks for its authors' code (a subclass in the folder)."""
+    model, _ = tiny_model("llama", vocab_size=1024)
+    model.save_pretrained(path)
+    (path / "modeling_mine.py").write_text(
+        "from transformers import LlamaForCausalLM\n\n\n"
+        "class MyLlama(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.MyLlama"}
+    (path / "config.json").write_text(json.dumps(config))
+    if tokenizer:
+        from lte_convert.default import glassllm_model_dir
+
+        transformers.AutoTokenizer.from_pretrained(glassllm_model_dir()).save_pretrained(path)
+    return path
+
+
+def test_auto_map_is_refused_without_trust_remote_code(tmp_path):
+    folder = _remote_code_folder(tmp_path / "m")
+    with pytest.raises(UserError) as e:
+        check_remote_code(folder, False)
+    msg = str(e.value)
+    assert "auto_map (AutoModelForCausalLM: modeling_mine.MyLlama)" in msg
+    assert "--trust-remote-code" in msg and "built-in 'llama' classes" in msg
+    assert "trust_remote_code" not in msg.replace("--trust-remote-code", "")
+    assert check_remote_code(folder, True)["auto_map"]
+
+
+def test_trusted_remote_code_runs_the_authors_class(tmp_path, capsys):
+    from lte_convert.converter.train import load_lm
+
+    folder = _remote_code_folder(tmp_path / "m", tokenizer=True)
+    model, _, _ = load_lm(folder, trust_remote_code=True)
+    assert type(model).__name__ == "MyLlama"
+    convert_model(model, expert_size=32)
+    assert "(remote code) has no registry adapter" in capsys.readouterr().err
+    save_lte_checkpoint(fold(model), tmp_path / "ck", {})
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        load_lte_model(tmp_path / "ck")
+    loaded, _ = load_lte_model(tmp_path / "ck", trust_remote_code=True)
+    assert type(loaded).__name__ == "MyLlama" and lte_modules(loaded)

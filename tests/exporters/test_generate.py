@@ -1,4 +1,6 @@
 """Greedy decoding through ONNX Runtime with the KV cache = PyTorch generate(), real weights."""
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -62,3 +64,47 @@ def test_smollm2_greedy_matches_pytorch(tmp_path):
 
     for ref, got in _generate_both(default_model_dir(), tmp_path, 16):
         np.testing.assert_array_equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate_text (lte-convert generate) and sampling
+# ---------------------------------------------------------------------------------------------
+def test_sampler_top_k_and_seed():
+    from lte_convert.exporters.generate import sampler
+
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))
+    assert sampler(top_k=1)(logits).tolist() == [3, 0]
+    draws = np.stack([sampler(top_k=2, seed=s)(logits) for s in range(200)])
+    assert set(draws[:, 0]) == {2, 3} and set(draws[:, 1]) == {0, 1}
+    assert (sampler(seed=7)(logits) == sampler(seed=7)(logits)).all()
+
+
+@pytest.fixture(scope="module")
+def tried(derived_chain):
+    """phi3 from the chain test: checkpoint kv-lte/ (with tokenizer), kv.onnx, plain.onnx."""
+    return Path(derived_chain("phi3")["result"]["checkpoint"]).parent
+
+
+def test_generate_text_greedy_is_the_same_in_pytorch_and_onnx_runtime(tried):
+    from lte_convert.exporters.generate import generate_text
+
+    prompt = "To be, or not to be"
+    ref = generate_text(tried / "kv-lte", prompt, max_new_tokens=12)
+    assert ref and generate_text(tried / "kv.onnx", prompt, max_new_tokens=12) == ref
+    assert generate_text(tried / "plain.onnx", prompt, max_new_tokens=12,
+                         tokenizer=tried / "kv-lte") == ref
+    assert generate_text(tried / "kv.onnx", prompt, max_new_tokens=12, sample=True,
+                         top_k=1) == ref
+    for source in (tried / "kv-lte", tried / "kv.onnx"):
+        a, b = (generate_text(source, prompt, max_new_tokens=12, sample=True, temperature=2.0,
+                              seed=s) for s in (1, 2))
+        assert a != b and a == generate_text(source, prompt, max_new_tokens=12, sample=True,
+                                             temperature=2.0, seed=1)
+
+
+def test_generate_text_without_a_tokenizer_says_which_to_pass(tried):
+    from lte_convert.errors import UserError
+    from lte_convert.exporters.generate import generate_text
+
+    with pytest.raises(UserError, match="Pass --tokenizer with the LTE checkpoint folder"):
+        generate_text(tried / "plain.onnx", "hi")
