@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from lte_convert.errors import UserError
 
 # Hugging Face activation names (transformers.activations.ACT2FN) -> plugins.spec.ACTIVATIONS.
@@ -120,3 +122,35 @@ def as_source(adapter: Adapter) -> str:
         if value != getattr(default, name):
             fields.append(f"{name}={value!r}")
     return f"{adapter.family!r}: Adapter({adapter.family!r}, {', '.join(fields)}),"
+
+
+def blocks(model, adapter: Adapter) -> tuple[str, nn.ModuleList]:
+    """(module name, ModuleList) of the model's transformer blocks."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == adapter.layers
+                                                  or name.endswith("." + adapter.layers)):
+            return name, module
+    raise UserError(f"Found no list of transformer blocks named `{adapter.layers}` in this "
+                    f"{adapter.family} model ({type(model).__name__}). The model does not have "
+                    "the module layout of the transformers release lte-convert supports.")
+
+
+def _rows(module, conv1d: bool):
+    """(weight [out, in], bias [out] | None) of an nn.Linear or a Conv1D (weight [in, out])."""
+    return (module.weight.t() if conv1d else module.weight), module.bias
+
+
+def read_ffn(block, adapter: Adapter) -> dict:
+    """The block's FFN weights in kernel layout: w_gate/w_up/w_down_t [F, d], biases.
+    A fused projection [2F, d] is split into its halves in the adapter's order."""
+    w_up, b_up = _rows(block.get_submodule(adapter.up), adapter.conv1d)
+    w_down, b_down = _rows(block.get_submodule(adapter.down), adapter.conv1d)
+    w = dict(w_up=w_up, b_up=b_up, w_down_t=w_down.t(), b_down=b_down)
+    if adapter.fused:
+        halves = [(wh, bh) for wh, bh in zip(w_up.chunk(2), (None, None) if b_up is None
+                                             else b_up.chunk(2))]
+        (w["w_gate"], w["b_gate"]), (w["w_up"], w["b_up"]) = (
+            halves if adapter.fused == "gate_up" else halves[::-1])
+    elif adapter.gated:
+        w["w_gate"], w["b_gate"] = _rows(block.get_submodule(adapter.gate), adapter.conv1d)
+    return {k: (None if v is None else v.detach()) for k, v in w.items()}

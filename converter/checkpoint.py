@@ -39,10 +39,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from lte_convert.converter.adapters import get_adapter
+from lte_convert.converter.adapters import blocks, get_adapter
 from lte_convert.atomic import atomic_path
 from lte_convert.errors import UserError
-from lte_convert.converter.surgery import blocks, lte_modules, wrap_model
+from lte_convert.converter.surgery import lte_modules, wrap_model
 
 FORMAT = "lte-convert-checkpoint"
 VERSION = 2           # 2: config.json's model_type is MODEL_TYPE

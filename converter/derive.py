@@ -33,7 +33,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from lte_convert.converter.adapters import REGISTRY, Adapter, as_source
+from lte_convert.converter.adapters import (REGISTRY, Adapter, as_source, get_adapter,
+                                            read_ffn)
+from lte_convert.converter.adapters import blocks as named_blocks
 from lte_convert.errors import UserError
 from lte_convert.plugins.spec import ACTIVATIONS
 
@@ -207,7 +209,6 @@ def block_inputs(model, blocks) -> list[tuple[tuple, dict]]:
 def _dense_lte(block, adapter: Adapter, activation: str):
     """An unpermuted, dense-mode LTEFFN with the block's FFN weights (one expert of F)."""
     from lte_convert.converter.lte_ffn import LTEFFN
-    from lte_convert.converter.surgery import read_ffn
     from lte_convert.plugins.spec import FFNShape
 
     w = read_ffn(block, adapter)
@@ -309,9 +310,6 @@ def _echo(text: str):
 
 def resolve_adapter(model, echo=_echo) -> Adapter:
     """The proven adapter for `model` (see the module doc); derived ones are printed."""
-    from lte_convert.converter.adapters import get_adapter
-    from lte_convert.converter.surgery import blocks as named_blocks
-
     config = model.config
     remote = bool(getattr(config, "auto_map", None))
     derived = not (getattr(config, "lte_adapter", None)

@@ -28,21 +28,10 @@ import torch
 from torch import nn
 
 from lte_convert.converter import grouping
-from lte_convert.converter.adapters import Adapter, get_adapter
+from lte_convert.converter.adapters import Adapter, blocks, get_adapter, read_ffn
 from lte_convert.errors import UserError
 from lte_convert.converter.lte_ffn import MODES, ROUTER_INIT_BIAS, LTEFFN
 from lte_convert.plugins.spec import FFNShape
-
-
-def blocks(model, adapter: Adapter) -> tuple[str, nn.ModuleList]:
-    """(module name, ModuleList) of the model's transformer blocks."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (name == adapter.layers
-                                                  or name.endswith("." + adapter.layers)):
-            return name, module
-    raise UserError(f"Found no list of transformer blocks named `{adapter.layers}` in this "
-                    f"{adapter.family} model ({type(model).__name__}). The model does not have "
-                    "the module layout of the transformers release lte-convert supports.")
 
 
 def lte_modules(model) -> list[tuple[int, LTEFFN]]:
@@ -56,27 +45,6 @@ def lte_modules(model) -> list[tuple[int, LTEFFN]]:
         if isinstance(module, LTEFFN):
             out.append((i, module))
     return out
-
-
-def _rows(module, conv1d: bool):
-    """(weight [out, in], bias [out] | None) of an nn.Linear or a Conv1D (weight [in, out])."""
-    return (module.weight.t() if conv1d else module.weight), module.bias
-
-
-def read_ffn(block, adapter: Adapter) -> dict:
-    """The block's FFN weights in kernel layout: w_gate/w_up/w_down_t [F, d], biases.
-    A fused projection [2F, d] is split into its halves in the adapter's order."""
-    w_up, b_up = _rows(block.get_submodule(adapter.up), adapter.conv1d)
-    w_down, b_down = _rows(block.get_submodule(adapter.down), adapter.conv1d)
-    w = dict(w_up=w_up, b_up=b_up, w_down_t=w_down.t(), b_down=b_down)
-    if adapter.fused:
-        halves = [(wh, bh) for wh, bh in zip(w_up.chunk(2), (None, None) if b_up is None
-                                             else b_up.chunk(2))]
-        (w["w_gate"], w["b_gate"]), (w["w_up"], w["b_up"]) = (
-            halves if adapter.fused == "gate_up" else halves[::-1])
-    elif adapter.gated:
-        w["w_gate"], w["b_gate"] = _rows(block.get_submodule(adapter.gate), adapter.conv1d)
-    return {k: (None if v is None else v.detach()) for k, v in w.items()}
 
 
 def _permute(w: dict, perm: torch.Tensor) -> dict:

@@ -20,8 +20,8 @@ Polygraphy's own random inputs also run once the shapes agree (past length 0 her
 
 The file is the `.onnx` on Polygraphy's command line, or $LTE_ONNX when there is none (an
 engine: `polygraphy run model.plan --model-type engine --trt ...` with LTE_ONNX=model.onnx).
-Importing this module also registers lte's TensorRT plugins when TensorRT is installed, so a
-JIT engine loads in the same Polygraphy process. Needs numpy and onnx only.
+Needs numpy and onnx only (an engine built by `lte-convert build` carries its plugin kernels
+and needs no Python plugin code).
 """
 from __future__ import annotations
 
@@ -37,13 +37,6 @@ SEQ = 5
 BATCHES = (1, 2)
 _FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16,
            TensorProto.DOUBLE: np.float64}
-
-try:
-    import tensorrt  # noqa: F401
-except ImportError:                     # no TensorRT: ONNX Runtime only
-    pass
-else:                                   # register lte's plugins for engines that need them
-    import lte_convert.trt_plugins.plugin  # noqa: F401
 
 
 def model_path() -> Path:
