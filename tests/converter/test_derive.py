@@ -142,3 +142,46 @@ def test_remote_code_is_derived_not_taken_from_the_registry(capsys):
     model.config.auto_map = {"AutoModelForCausalLM": "modeling_mine.MyLlama"}
     assert resolve_adapter(model) == Adapter(**model.config.lte_adapter)
     assert "'llama' (remote code) has no registry adapter" in capsys.readouterr().err
+
+
+def _glassllm_as_phi3():
+    """glassllm's trained Llama weights in Phi-3's layout (fused qkv_proj and gate_up_proj)."""
+    from lte_convert.default import glassllm_model_dir
+
+    llama = transformers.AutoModelForCausalLM.from_pretrained(glassllm_model_dir()).eval()
+    c = llama.config
+    phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+        rope_parameters=c.rope_parameters, pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)).eval()
+    src = llama.state_dict()
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    state = {}
+    for key in phi3.state_dict():
+        prefix, name = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        state[key] = (torch.cat([src[f"{prefix}.{p}.weight"] for p in fused[name]])
+                      if name in fused else src[key])
+    phi3.load_state_dict(state)
+    return llama, phi3
+
+
+def test_real_weights_in_a_fused_layout(tmp_path):
+    """Trained weights (glassllm, d_ff 341 -> 352 padded) as a Phi-3: derived, proven, the same
+    function after conversion, saved fused and loaded back as Phi-3 and as the LTE model."""
+    llama, phi3 = _glassllm_as_phi3()
+    ids = torch.randint(4, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    ref = _logits(llama, ids)
+    torch.testing.assert_close(_logits(phi3, ids), ref, rtol=0, atol=2e-5)
+    convert_model(phi3, expert_size=32)
+    assert get_adapter(phi3.config).fused == "gate_up"
+    torch.testing.assert_close(_logits(phi3, ids), ref, rtol=0, atol=5e-5)
+    save_lte_checkpoint(phi3, tmp_path / "ck", {})
+    dense = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "ck",
+                                                          config=hf_config(tmp_path / "ck"))
+    assert dense.model.layers[0].mlp.gate_up_proj.weight.shape == (704, 128)
+    torch.testing.assert_close(_logits(dense, ids), ref, rtol=0, atol=5e-5)
+    loaded, _ = load_lte_model(tmp_path / "ck")
+    assert torch.equal(_logits(loaded, ids), _logits(phi3, ids))
