@@ -30,6 +30,9 @@ import click
               "(default: one [2, F, d] storage, as a folded LTE model holds them).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the results as JSON here.")
+@click.option("--calibrate", is_flag=True, help="CPU: measure the op's plan numbers on this "
+              "host now (cached per host, torch version, dtype and thread count; otherwise "
+              "they are measured at first use).")
 @click.option("--decode", is_flag=True, help="Instead: tokens/s of generate(), dense vs LTE, "
               "on the embedded SmolLM2 sample (or --model).")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
@@ -37,7 +40,7 @@ import click
 @click.option("--new-tokens", type=int, default=32, show_default=True,
               help="With --decode: tokens to generate.")
 def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, threads, clock, masks,
-          unpaired, json_path, decode, model, new_tokens):
+          unpaired, json_path, calibrate, decode, model, new_tokens):
     """Benchmark lte.SparseFFN against dense PyTorch; prints a table, writes JSON."""
     if decode:
         from lte_convert import bench_decode
@@ -50,7 +53,7 @@ def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, thread
                             ("--device", device)):
             if value is not None:
                 argv += [flag, str(value)]
-        bench_decode.main(argv)
+        bench_decode.main(argv + ["--calibrate"] * calibrate)
         return
     from lte_convert.plugins import bench as bench_ffn
     argv = ["--shapes", shapes, "--sparsity", sparsity, "--tokens", tokens,
@@ -59,4 +62,4 @@ def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, thread
                         ("--threads", threads), ("--masks", masks), ("--json", json_path)):
         if value is not None:
             argv += [flag, str(value)]
-    bench_ffn.main(argv + ["--unpaired"] * unpaired)
+    bench_ffn.main(argv + ["--unpaired"] * unpaired + ["--calibrate"] * calibrate)

@@ -1,11 +1,13 @@
 """plugins/cpu.py against the reference: every mask pattern, gated or not, biases or not,
 fp32 and bf16, odd sizes and ragged batches; and proof that skipped experts are not read."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lte_convert.plugins import cpu
+from lte_convert.plugins import cpu, cpu_plan, cpu_tuning
 from lte_convert.plugins.reference import (sparse_ffn_down_reference, sparse_ffn_reference,
                                sparse_ffn_up_reference)
 from lte_convert.plugins.spec import ACTIVATIONS
@@ -13,12 +15,20 @@ from lte_convert.plugins.spec import ACTIVATIONS
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+def use_constants(monkeypatch, **fields):
+    """Plan with cpu_tuning.FALLBACK's fields replaced (calibration is off in the tests)."""
+    monkeypatch.setattr(cpu_tuning, "FALLBACK",
+                        dataclasses.replace(cpu_tuning.FALLBACK, **fields))
+    cpu_tuning.forget()
+
+
 @pytest.fixture(autouse=True)
 def bytes_only_cost_model(monkeypatch):
     """With free calls the cost model always picks the sparse blocks (never merging gaps):
     the tiny test FFNs would otherwise go dense. test_cost_model_choices covers the rest."""
-    monkeypatch.setitem(cpu.CALL_US, torch.float32, 0.0)
-    monkeypatch.setattr(cpu, "CALL_US_DEFAULT", 0.0)
+    use_constants(monkeypatch, fp32_call_us=0.0, half_call_us=0.0, plan_us=0.0)
+    yield
+    cpu_tuning.forget()
 
 
 def rel_err(out, ref):
@@ -132,19 +142,21 @@ def test_inactive_experts_are_not_read(tokens):
 
 def test_plan_runs():
     union = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
-    starts, runs, rows, experts, merged = cpu._plan(union, 2)
-    assert starts == [0, 6, 12] and runs == [4, 2, 6] and not merged
-    assert rows.tolist() == [0, 1, 2, 3, 6, 7, 12, 13, 14, 15, 16, 17]
+    plans = cpu_plan.blocks(union, 2, (0, 1, 2))
+    starts, runs, experts, merged = plans[0]
+    assert starts == (0, 6, 12) and runs == (4, 2, 6) and not merged
+    assert cpu_plan.rows_of(experts, 2).tolist() == [0, 1, 2, 3, 6, 7, 12, 13, 14, 15, 16, 17]
     assert experts.tolist() == [0, 1, 3, 6, 7, 8]
-    starts, runs, rows, experts, merged = cpu._plan(union, 2, gap=1)     # merges the 1-gap
-    assert starts == [0, 12] and runs == [8, 6] and merged
+    starts, runs, experts, merged = plans[1]                            # merges the 1-gap
+    assert starts == (0, 12) and runs == (8, 6) and merged
     assert experts.tolist() == [0, 1, 2, 3, 6, 7, 8]
-    starts, runs, rows, experts, merged = cpu._plan(union, 2, gap=2)     # one block
-    assert starts == [0] and runs == [18] and rows.tolist() == list(range(18))
-    starts, runs, rows, _, _ = cpu._plan(torch.tensor([False, True, False]), 3)
-    assert starts == [3] and runs == [3] and rows.tolist() == [3, 4, 5]
-    starts, runs, rows, _, _ = cpu._plan(torch.zeros(4, dtype=torch.bool), 3)
-    assert starts == [] and runs == [] and rows.numel() == 0
+    starts, runs, experts, merged = plans[2]                            # one block
+    assert starts == (0,) and runs == (18,)
+    assert cpu_plan.rows_of(experts, 2).tolist() == list(range(18))
+    starts, runs, experts, _ = cpu_plan.blocks(torch.tensor([False, True, False]), 3)[0]
+    assert starts == (3,) and runs == (3,) and cpu_plan.rows_of(experts, 3).tolist() == [3, 4, 5]
+    starts, runs, experts, _ = cpu_plan.blocks(torch.zeros(4, dtype=torch.bool), 3)[0]
+    assert starts == () and runs == () and experts.numel() == 0
 
 
 def paired(w):
@@ -170,50 +182,55 @@ def test_paired_weights_match_reference(dtype, kind, lead):
 @pytest.mark.parametrize("lead", [(1,), (3,)])
 def test_cost_model_choices(calls, dtype, kind, lead, monkeypatch):
     """Default call costs (tiny FFNs go dense) and costly calls (every gap merged)."""
-    monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0 if calls == "default" else 1e6)
-    monkeypatch.setattr(cpu, "CALL_US_DEFAULT", 12.0 if calls == "default" else 1e6)
+    costly = calls == "costly"
+    use_constants(monkeypatch, fp32_call_us=1e6 if costly else 2.0,
+                  half_call_us=1e6 if costly else 12.0, plan_us=0.0 if costly else 10.0)
     w = weights(40, 320, True, True, dtype)
     x = torch.randn(*lead, 40).to(dtype)
     check_all(x, make_mask(kind, lead, 40, seed=3), w, 8, "silu")
 
 
-def test_gap_cost_model_at_real_shapes(monkeypatch):
-    monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0)
-    monkeypatch.setattr(cpu, "CALL_US_DEFAULT", 12.0)
-    """fp32 never computes a skipped expert at SmolLM2 or LLaMA2-7B shapes; bf16 does at
-    SmolLM2's (small rows, costly oneDNN calls) but not at 7B's."""
+def fallback(F_, d, dtype=torch.float32):
+    return cpu_tuning.Constants().tuning(d, F_, dtype)
+
+
+def test_gap_cost_model_at_real_shapes():
+    """With the fallback constants fp32 never computes a skipped expert at SmolLM2 or
+    LLaMA2-7B shapes; bf16 does at SmolLM2's (small rows, costly oneDNN calls), not at 7B's."""
     for F_, d in [(1536, 576), (11008, 4096)]:
-        for stacks in (1, 2):
-            assert cpu.max_gap(torch.empty(F_, d), stacks, True, 32, 1) == 0
-            assert cpu.max_gap(torch.empty(F_, d), stacks, True, 32, 4) == 0
-    assert cpu.max_gap(torch.empty(1536, 576, dtype=torch.bfloat16), 2, True, 32, 1) == 3
-    assert cpu.max_gap(torch.empty(11008, 4096, dtype=torch.bfloat16), 2, True, 32, 1) == 0
+        t = fallback(F_, d)
+        for up in cpu_plan.UP_KERNELS:
+            for bag in (False, True):
+                assert cpu_plan.max_gap(t, up, bag, 2, 32) == 0, (F_, up, bag)
+    assert cpu_plan.max_gap(fallback(1536, 576, torch.bfloat16), "mm", True, 2, 32) == 3
+    assert cpu_plan.max_gap(fallback(11008, 4096, torch.bfloat16), "mm", True, 2, 32) == 0
 
 
-def test_sparse_path_at_real_shapes(monkeypatch):
-    """The default cost model keeps the sparse blocks for one fp32 token at SmolLM2 and
+def test_sparse_path_at_real_shapes():
+    """The fallback constants keep the sparse blocks for one fp32 token at SmolLM2 and
     LLaMA2-7B shapes at 50% sparsity, paired or not; a full union is one block for one token
-    and small fp32 batches (_bmm_batch), F.linear (None) past them or for bf16 batches."""
-    monkeypatch.setitem(cpu.CALL_US, torch.float32, 2.0)
+    and small fp32 batches (n ≤ 2 or n·d ≤ small_nd), dense (None) past them or for bf16
+    batches."""
     for F_, d in [(1536, 576), (11008, 4096)]:
         E = F_ // 32
         union = torch.arange(E) % 4 < 2                           # half on, in pairs
-        for stacks in (1, 2):                                      # paired or not
-            starts, runs, _, _, merged = cpu._sparse_plan(union[None], union,
-                                                          torch.empty(F_, d), True, stacks, 32)
-            assert runs == [64] * (E // 4) and starts == list(range(0, F_, 128))
-            assert merged is False
+        for paired in (False, True):
+            plan = cpu_plan.choose(union, 1, F_, d, 32, True, paired, True, fallback(F_, d))
+            assert plan.runs == (64,) * (E // 4) and plan.starts == tuple(range(0, F_, 128))
+            assert plan.merged is False and plan.up == ("pair" if paired else "halves")
     half = torch.arange(48) % 2 == 0
-    bf16 = torch.empty(1536, 576, dtype=torch.bfloat16)
-    assert cpu._sparse_plan(half[None].expand(2, 48), half, bf16, True, 2, 32) is None
+    bf16 = fallback(1536, 576, torch.bfloat16)
+    assert cpu_plan.choose(half, 2, 1536, 576, 32, True, True, False, bf16) is None
     full = torch.ones(48, dtype=torch.bool)
-    w = torch.empty(1536, 576)
+    t = fallback(1536, 576)
     for n in range(1, 11):                                     # 576 wide: up to 10 tokens
-        plan = cpu._sparse_plan(full[None].expand(n, 48), full, w, True, 1, 32)
-        assert plan[:2] == ([0], [1536]) and plan[4] is True
-    assert cpu._sparse_plan(full[None].expand(11, 48), full, w, True, 1, 32) is None
-    for n, d, bmm in [(2, 4096, True), (4, 4096, False), (4, 1536, True), (4, 2048, False),
-                      (8, 1536, False), (8, 576, True), (16, 576, False)]:
-        assert cpu._bmm_batch(n, d) is bmm, (n, d)
-    plan = cpu._sparse_plan(full[None], full, bf16, True, 2, 32)            # one bf16 token
-    assert plan[:2] == ([0], [1536]) and plan[4] is True
+        plan = cpu_plan.choose(full, n, 1536, 576, 32, True, False, True, t)
+        assert plan.starts == (0,) and plan.runs == (1536,) and plan.merged is True
+    assert cpu_plan.choose(full, 11, 1536, 576, 32, True, False, True, t) is None
+    full = torch.ones(344, dtype=torch.bool)
+    for n, d, one_block in [(2, 4096, True), (4, 4096, False), (4, 1536, True),
+                            (4, 2048, False), (8, 576, True), (16, 576, False)]:
+        plan = cpu_plan.choose(full, n, 11008, d, 32, True, False, True, fallback(11008, d))
+        assert (plan is not None) is one_block, (n, d)
+    plan = cpu_plan.choose(full[:48], 1, 1536, 576, 32, True, True, False, bf16)  # one token
+    assert plan.starts == (0,) and plan.runs == (1536,) and plan.merged is True
