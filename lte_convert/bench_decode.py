@@ -19,6 +19,11 @@ Both models decode the same prompt greedily for --new-tokens tokens (min = max, 
 produce exactly that many); dense and LTE runs alternate, and the median over --reps is
 reported. --record-masks FILE saves the masks each layer used (safetensors, `layer.<i>`
 [tokens, E]) for `plugins/bench.py --masks`.
+
+On CPU the op's plan numbers for the model's FFN shape are measured (or read from the cache)
+before anything is timed (`--calibrate`: measured again now), and one extra, untimed LTE run
+under torch.profiler gives the op's share of the step time: the CPU time inside
+lte::sparse_ffn over the run's elapsed time.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import argparse
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -139,6 +145,29 @@ def time_generate(model, ids, new_tokens, clock, **generate_kwargs):
     return dt
 
 
+def plan_numbers(model, dtype, fresh):
+    """Measure (fresh) or load the CPU op's plan numbers for each LTE FFN shape of the model;
+    {"dxF": numbers} for the JSON."""
+    from lte_convert.converter.surgery import lte_modules
+    from lte_convert.plugins import bench
+    shapes = sorted({(m.shape.d, m.shape.d_ff) for _, m in lte_modules(model)})
+    return {f"{d}x{F_}": bench.plan_numbers(d, F_, dtype, fresh) for d, F_ in shapes}
+
+
+@torch.no_grad()
+def op_share(model, ids, new_tokens, **generate_kwargs):
+    """(ms of lte::sparse_ffn per generated token, its fraction of the elapsed time) over one
+    profiled generate() (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, **generate_kwargs)
+        elapsed = time.perf_counter() - t
+    op_s = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "lte::sparse_ffn") / 1e6
+    return op_s / new_tokens * 1e3, op_s / elapsed
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="LTE checkpoint folder (default: convert the "
@@ -156,6 +185,8 @@ def main(argv=None):
                    "cache; on CUDA transformers then compiles the forward into CUDA graphs "
                    "(the warm-up call compiles, the timed calls replay)")
     p.add_argument("--record-masks", default=None, help="save the LTE masks here (safetensors)")
+    p.add_argument("--calibrate", action="store_true", help="CPU: measure the op's plan "
+                   "numbers now (else from the cache, or measured at first use)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from lte_convert.plugins.bench import set_up_clock
@@ -166,6 +197,11 @@ def main(argv=None):
     dense, lte = dense.to(args.device), lte.to(args.device)
     ids = tok(PROMPT, return_tensors="pt").to(args.device)
     kw = {"cache_implementation": "static"} if args.static_cache else {}
+    cpu = torch.device(args.device).type == "cpu"
+    if cpu:
+        from lte_convert.plugins import cpu_tuning
+        meta["host"] = cpu_tuning.host()
+        meta["plan_numbers"] = plan_numbers(lte, getattr(torch, args.dtype), args.calibrate)
     recorder = MaskRecorder(lte)
     time_generate(lte, ids, args.new_tokens, clock)            # the masks, eager
     recorder.remove()
@@ -176,6 +212,8 @@ def main(argv=None):
         times["dense"].append(time_generate(dense, ids, args.new_tokens, clock, **kw))
         times["lte"].append(time_generate(lte, ids, args.new_tokens, clock, **kw))
     tps = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
+    if cpu:
+        meta["op_ms_per_token"], meta["op_share_of_step"] = op_share(lte, ids, args.new_tokens)
     sparsity = recorder.decode_sparsity()
     row = {"tokens_per_s_dense": tps["dense"], "tokens_per_s_lte": tps["lte"],
            "speedup": tps["lte"] / tps["dense"], "new_tokens": args.new_tokens,
@@ -189,6 +227,11 @@ def main(argv=None):
           f"{row['speedup']:.2f}x (decode sparsity {row['decode_sparsity_mean']:.2f}, "
           f"{args.new_tokens} new tokens, median of {args.reps}, {args.clock} clock, "
           f"{torch.get_num_threads()} threads)")
+    if cpu:
+        from lte_convert.plugins.bench import host_line
+        print(f"lte.SparseFFN: {row['op_ms_per_token']:.1f} ms per token, "
+              f"{row['op_share_of_step']:.0%} of the LTE step (profiled run); host: "
+              f"{host_line(row['host'])}")
     if args.record_masks:
         from safetensors.torch import save_file
 

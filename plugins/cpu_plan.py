@@ -35,7 +35,7 @@ batches while n ≤ 2 or n · d ≤ small_nd (a machine-tuned rule, see cpu_tuni
 """
 from __future__ import annotations
 
-import functools
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -85,16 +85,25 @@ class Plan(NamedTuple):
     bag: bool                      # one token's down projection as one embedding_bag
 
 
+_ARANGE: dict[int, torch.Tensor] = {}          # arange(s), read only (never handed out)
+
+
 def rows_of(experts: torch.Tensor, s: int) -> torch.Tensor:
-    """Row indices [len(experts)·s] of the experts' rows."""
-    return (experts[:, None] * s + torch.arange(s)).view(-1)
+    """Row indices [len(experts)·s] of the experts' rows (a fresh tensor)."""
+    if s not in _ARANGE:
+        _ARANGE[s] = torch.arange(s)
+    return torch.add(_ARANGE[s], experts[:, None], alpha=s).view(-1)
 
 
 def blocks(union: torch.Tensor, s: int, gaps=(0,)):
     """union bool [E] -> {gap: (starts, runs, experts, merged)} for each gap in `gaps`:
     maximal runs of adjacent active experts, merged across gaps of at most `gap` skipped
     experts (see Plan)."""
-    active = union.nonzero().view(-1)                            # [Ea]
+    return _blocks(union.nonzero().view(-1), s, gaps)
+
+
+def _blocks(active: torch.Tensor, s: int, gaps):
+    """blocks() of the active experts' indices [Ea] (int64, ascending)."""
     listed = active.tolist()
     out = {}
     for gap in gaps:
@@ -158,19 +167,34 @@ def up_kernels(gated: bool, paired: bool, s: int) -> tuple[str, ...]:
 
 class _Shape(NamedTuple):
     """What a call's plan depends on besides its union (cached per shape and tuning)."""
-    options: tuple[tuple[str, bool, int], ...]   # (up, bag, gap) of the sparse plans
+    options: tuple[tuple, ...]      # (µs fixed, µs per block, µs per row, up, bag, gap)
+    gaps: frozenset                              # their gaps
     full: tuple[float, str, bool] | None         # (µs, up, bag) of the best full plan
     dense: float                                 # µs of the dense computation
+    best: float                                  # µs of the better of full and dense
     most: int                                    # blocks only while count < most
 
 
-@functools.lru_cache(maxsize=256)
-def _shape(t: Tuning, E: int, d: int, s: int, gated: bool, paired: bool, fp32: bool,
-           n: int) -> _Shape:
-    matrices, ups, one = 2 if gated else 1, up_kernels(gated, paired, s), n == 1
+_SHAPES: dict[int, tuple] = {}          # id(tuning) -> (weakref to it, {args: _Shape})
+
+
+def _shape(t: Tuning, *args) -> _Shape:
+    """_shape_of(t, *args), remembered per Tuning object (hashing one costs microseconds)."""
+    entry = _SHAPES.get(id(t))
+    if entry is None or entry[0]() is not t:
+        entry = _SHAPES[id(t)] = (weakref.ref(t), {})
+    shape = entry[1].get(args)
+    if shape is None:
+        shape = entry[1][args] = _shape_of(t, *args)
+    return shape
+
+
+def _shape_of(t: Tuning, E: int, s: int, gated: bool, paired: bool, fp32: bool, one: bool,
+              full_ok: bool) -> _Shape:
+    matrices, ups = 2 if gated else 1, up_kernels(gated, paired, s)
     bags = (False, True) if one else (False,)
     full = None
-    if one or (fp32 and (n <= 2 or n * d <= t.small_nd)):
+    if full_ok:
         full = min((_full_cost(t, up, matrices, bag), up, bag) for up in ups for bag in bags)
     dense = dense_cost(t, matrices)
     best = min(dense, full[0]) if full else dense
@@ -184,8 +208,19 @@ def _shape(t: Tuning, E: int, d: int, s: int, gated: bool, paired: bool, fp32: b
             if lower >= best:
                 most = count
                 break
-    options = tuple((up, bag, max_gap(t, up, bag, matrices, s)) for up in ups for bag in bags)
-    return _Shape(options, full, dense, most)
+    options = []
+    for up in ups:
+        for bag in bags:
+            base = _up_cost(t, up, 0, 0, matrices) + _down_cost(t, bag, 0, 0)
+            options.append((t.plan_us + base,
+                            _up_cost(t, up, 1, 0, matrices) + _down_cost(t, bag, 1, 0) - base,
+                            _up_cost(t, up, 0, 1, matrices) + _down_cost(t, bag, 0, 1) - base,
+                            up, bag, max_gap(t, up, bag, matrices, s)))
+    kept = []                    # without the options another (same gap) is never slower than
+    for o in sorted(options, key=lambda o: o[:3]):
+        if not any(p[5] == o[5] and all(a <= b for a, b in zip(p[:3], o[:3])) for p in kept):
+            kept.append(o)
+    return _Shape(tuple(kept), frozenset(o[5] for o in kept), full, dense, best, most)
 
 
 def choose(union: torch.Tensor, n: int, F_: int, d: int, s: int, gated: bool, paired: bool,
@@ -193,23 +228,26 @@ def choose(union: torch.Tensor, n: int, F_: int, d: int, s: int, gated: bool, pa
     """The cheapest plan of one call (see the module docstring), or None for dense.
 
     union bool [E]: the experts any of the n tokens selected."""
-    E, matrices = F_ // s, 2 if gated else 1
-    shape = _shape(t, E, d, s, gated, paired, fp32, n)
-    count = int(union.sum())
+    E, one = F_ // s, n == 1
+    shape = _shape(t, E, s, gated, paired, fp32, one,
+                   one or (fp32 and (n <= 2 or n * d <= t.small_nd)))
+    active = union.nonzero().view(-1)
+    count = active.numel()
     if count == 0:
-        none = torch.zeros(0, dtype=torch.long)
-        return Plan((), (), none, none, False, shape.options[-1][0], n == 1)
+        return Plan((), (), active, active, False, shape.options[0][3], one)
     if count < shape.most:
-        planned = blocks(union, s, {gap for _, _, gap in shape.options})
-        us, up, bag, gap = min(
-            (t.plan_us + _up_cost(t, up, len(planned[gap][1]), sum(planned[gap][1]), matrices)
-             + _down_cost(t, bag, len(planned[gap][1]), sum(planned[gap][1])), up, bag, gap)
-            for up, bag, gap in shape.options)
-        if us < min(shape.dense, shape.full[0] if shape.full else shape.dense):
+        planned = _blocks(active, s, shape.gaps)
+        sizes = {gap: (len(p[1]), sum(p[1])) for gap, p in planned.items()}
+        us = shape.best
+        for fixed, per_block, per_row, up_, bag_, gap_ in shape.options:
+            n_blocks, rows = sizes[gap_]
+            cost = fixed + per_block * n_blocks + per_row * rows
+            if cost < us:
+                us, up, bag, gap = cost, up_, bag_, gap_
+        if us < shape.best:
             starts, runs, experts, merged = planned[gap]
             return Plan(starts, runs, rows_of(experts, s), experts, merged, up, bag)
     if shape.full and shape.full[0] <= shape.dense:
-        experts = torch.arange(E)
-        return Plan((0,), (F_,), rows_of(experts, s), experts, True, shape.full[1],
+        return Plan((0,), (F_,), torch.arange(F_), torch.arange(E), True, shape.full[1],
                     shape.full[2])
     return None

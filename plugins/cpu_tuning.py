@@ -335,8 +335,9 @@ def enabled() -> bool:
 
 
 def _memory_key(d, F_, dtype):
-    return (d, F_, dtype, torch.get_num_threads(), enabled(),
-            os.environ.get(ENV_CONSTANTS), os.environ.get("LTE_CONVERT_CACHE"))
+    env = os.environ
+    return (d, F_, dtype, torch.get_num_threads(), env.get(ENV_CALIBRATE),
+            env.get(ENV_CONSTANTS), env.get("LTE_CONVERT_CACHE"))
 
 
 def _with_rules(t: Tuning) -> Tuning:
