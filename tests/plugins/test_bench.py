@@ -35,7 +35,8 @@ def test_json_has_ideal_bars_host_and_plan_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("row,expected", [
-    (dict(sparsity=0.0, tokens=4, dtype="bfloat16", speedup=0.98), "PASS"),
+    (dict(sparsity=0.0, tokens=4, dtype="float32", speedup=0.98), "PASS"),
+    (dict(sparsity=0.0, tokens=4, dtype="bfloat16", speedup=0.5), None),
     (dict(sparsity=0.0, tokens=1, dtype="float32", speedup=0.96), "FAIL"),
     (dict(sparsity=0.5, tokens=1, dtype="float32", fraction_of_ideal=0.86), "PASS"),
     (dict(sparsity=0.5, tokens=1, dtype="float32", fraction_of_ideal=0.84), "FAIL"),
