@@ -13,8 +13,9 @@ host of the same size it was the other way round (issue 14). So they are measure
 
 Measuring: every kernel streams weights from a buffer several times the last-level cache
 (so no call finds its rows in cache), in blocks of 32 to 256 rows (fitted as call_us +
-rows · row_ns) and of all F rows; each number is the median of REPS passes of ≈8 MB, the
-kernels interleaved so that load from other processes hits them alike.
+rows · row_ns) and of all F rows; each number is the fastest of REPS passes of ≈8 MB (or
+one call on all F rows), the kernels interleaved so that load from other processes hits
+them alike, and the fastest because a pass that was descheduled measures the scheduler.
 
 Cache: one JSON file per host (CPU model and flags, torch, MKL, oneDNN, ATen's CPU
 capability), dtype and thread count in <cache_dir>/cpu-tuning/ (lte_convert.default
@@ -314,7 +315,7 @@ def measure(d: int, F_: int, dtype: torch.dtype, reps: int | None = None) -> Tun
             times[k].append((time.perf_counter() - t) / n * 1e6)
     kernels = {}
     for name in KERNELS:
-        points = {r: statistics.median(times[(name, r)]) for r in sizes}
+        points = {r: min(times[(name, r)]) for r in sizes}
         kernels[name] = fit(points, 2 if name == "pair" else 1)
     h = host()
     source = (f"measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {h['cpu']} "
