@@ -247,7 +247,7 @@ def choose(union: torch.Tensor, n: int, F_: int, d: int, s: int, gated: bool, pa
         if us < shape.best:
             starts, runs, experts, merged = planned[gap]
             return Plan(starts, runs, rows_of(experts, s), experts, merged, up, bag)
-    if shape.full and shape.full[0] <= shape.dense:
+    if shape.full and shape.full[0] < shape.dense:              # ties go dense
         return Plan((0,), (F_,), torch.arange(F_), torch.arange(E), True, shape.full[1],
                     shape.full[2])
     return None
