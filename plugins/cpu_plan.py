@@ -21,6 +21,7 @@ Cost of a plan in µs, from the measured numbers of a Tuning (one Kernel per way
     block of r rows      kernel.call_us + r · kernel.row_ns / 1e3   (per matrix; pair: 2r rows)
     all F rows at once   kernel.full_us                             (measured, not fitted)
     sparse plan          plan_us + Σ_blocks up calls + down (bag: one call; else one per block)
+    full plan            plan_us + the up kernel's full_us (× m unless pair) + the down's
     dense                m · linear.full_us + mm_down.full_us      (m = 2 gated, else 1)
 
 The op runs the cheapest of the sparse plan, the full plan and dense; the dense computation
@@ -141,10 +142,11 @@ def _down_cost(t: Tuning, bag: bool, n_blocks: int, rows: int) -> float:
 
 
 def _full_cost(t: Tuning, up: str, matrices: int, bag: bool) -> float:
-    """All rows as one block: the measured full-matrix calls."""
+    """All rows as one block: the measured full-matrix calls, and plan_us for its row indices
+    and per-token mask (the dense path has neither)."""
     k = t.up(up)
     up_us = k.full_us * (1 if up == "pair" else matrices)
-    return up_us + (t.bag.full_us if bag else t.mm_down.full_us)
+    return t.plan_us + up_us + (t.bag.full_us if bag else t.mm_down.full_us)
 
 
 def dense_cost(t: Tuning, matrices: int) -> float:
