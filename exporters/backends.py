@@ -6,9 +6,16 @@
 
 `feeds` are the ONNX file's inputs by name (int64 ids/masks/positions; past keys/values as
 float32 — a backend casts them to its own dtype). It returns the ONNX outputs by name in
-any float dtype, plus optionally `lte_mask.{k}` [..., E] bool: the k-th LTE FFN's expert mask
-(graph order), for counting flipped expert decisions. trt_plugins.runner.EngineRunner is one
-(the TensorRT engine); here are ONNX Runtime and the PyTorch reference.
+any float dtype, plus optionally, per LTE FFN k (graph order), what validate's mask-forced
+comparison and flip check read:
+
+    lte_mask.{k}  [..., E] bool   the expert mask the backend computed
+    lte_x.{k}     [..., d]        the FFN's input (what its router saw)
+    lte_ffn.{k}   [..., d]        the FFN's output (where a wrong layer first shows)
+
+trt_plugins.runner.EngineRunner is one (the TensorRT engine: no masks); here are ONNX
+Runtime (all three, as extra graph outputs) and the PyTorch reference, which can also run with
+the masks forced to another backend's (`run(feeds, force=[mask per LTE FFN])`).
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from lte_convert.exporters import wrappers
 from lte_convert.plugins import spec
 
 MASK_PREFIX = "lte_mask."
+X_PREFIX = "lte_x."
+FFN_PREFIX = "lte_ffn."
 
 
 class Backend(Protocol):
@@ -40,6 +49,18 @@ def mask_tensors(proto: onnx.ModelProto) -> list[str]:
     """Names of the mask inputs of the SparseFFNUp nodes, in graph order."""
     return [n.input[1] for n in proto.graph.node
             if n.domain == spec.NAMESPACE and n.op_type == spec.OP_UP]
+
+
+def probe_tensors(proto: onnx.ModelProto) -> dict[str, str]:
+    """Extra output name -> graph tensor: each LTE FFN's mask, input x and output y."""
+    ups = [n for n in proto.graph.node if n.domain == spec.NAMESPACE and n.op_type == spec.OP_UP]
+    downs = [n for n in proto.graph.node
+             if n.domain == spec.NAMESPACE and n.op_type == spec.OP_DOWN]
+    out = {}
+    for k, (up, down) in enumerate(zip(ups, downs)):
+        out.update({f"{MASK_PREFIX}{k}": up.input[1], f"{X_PREFIX}{k}": up.input[0],
+                    f"{FFN_PREFIX}{k}": down.output[0]})
+    return out
 
 
 def _bf16_to_fp32_tensor(t: onnx.TensorProto) -> None:
@@ -72,7 +93,8 @@ def providers() -> list[str]:
 
 
 class OrtBackend:
-    """ONNX Runtime on a validation copy of the file: masks exposed as extra outputs.
+    """ONNX Runtime on a validation copy of the file: each LTE FFN's mask, input and output
+    exposed as extra outputs (probe_tensors), unless masks=False.
 
     bfloat16 files run as a float32 upcast copy (same weights, bf16 values made fp32):
     ONNX Runtime has no bf16 CPU kernels and its Python API no bf16 arrays. `upcast` says so.
@@ -86,11 +108,11 @@ class OrtBackend:
         path = Path(path)
         proto = onnx.ModelProto.FromString(proto.SerializeToString())   # no weights: cheap
         self.masks = mask_tensors(proto) if masks else []
-        for k, name in enumerate(self.masks):
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(
-                MASK_PREFIX + str(k), TensorProto.BOOL, None))
-            proto.graph.node.append(onnx.helper.make_node(
-                "Identity", [name], [MASK_PREFIX + str(k)]))
+        model_type = proto.graph.output[0].type.tensor_type.elem_type     # logits: model dtype
+        for out, name in (probe_tensors(proto) if masks else {}).items():
+            elem = TensorProto.BOOL if out.startswith(MASK_PREFIX) else model_type
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, None))
+            proto.graph.node.append(onnx.helper.make_node("Identity", [name], [out]))
         self.upcast = any(i.type.tensor_type.elem_type == TensorProto.BFLOAT16
                           for i in proto.graph.output)
         opts = ort.SessionOptions()
@@ -127,7 +149,9 @@ class OrtBackend:
 # PyTorch (the LTE model, whose folded FFNs run the plugins op)
 # ---------------------------------------------------------------------------------------------
 class TorchBackend:
-    """The PyTorch model on the same feeds; masks from the LTE modules' routers (hooks)."""
+    """The PyTorch model on the same feeds. Hooks record each LTE FFN's mask, input and
+    output; `run(feeds, force=masks)` makes every LTE FFN compute exactly the experts of
+    `masks` (one bool array per LTE FFN, in order) instead of its router's choice."""
 
     name = "pytorch"
 
@@ -138,17 +162,30 @@ class TorchBackend:
         self.kv_cache = kv_cache
         self.decoder = wrappers.is_decoder(model)
         self.cache_kwarg = wrappers._cache_kwarg(model)
-        self._masks: list = []
-        for _, m in lte_modules(model):
+        self.modules = [m for _, m in lte_modules(model)]
+        self._probes: dict = {}
+        self._force = None
+        for k, m in enumerate(self.modules):
+            m.router.register_forward_hook(lambda mod, args, z, k=k: self._route(k, args[0], z))
             m.register_forward_hook(
-                lambda mod, args, out: self._masks.append(mod.router_logits(args[0]) > 0))
+                lambda mod, args, y, k=k: self._probes.__setitem__(FFN_PREFIX + str(k), y))
+
+    def _route(self, k, x, z):
+        """Record the router's input and decision; with `force`, replace the decision."""
+        if self._force is not None:
+            m = torch.from_numpy(np.asarray(self._force[k], bool)).to(z.device).reshape(z.shape)
+            z = torch.where(m, 1.0, -1.0).to(z.dtype)
+        self._probes[X_PREFIX + str(k)] = x
+        self._probes[MASK_PREFIX + str(k)] = z > 0
+        return z
 
     def _t(self, a, dtype=None):
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.model.device, dtype)
 
     @torch.no_grad()
-    def run(self, feeds):
-        self._masks.clear()
+    def run(self, feeds, force=None):
+        self._probes.clear()
+        self._force = force
         kw = {"input_ids": self._t(feeds["input_ids"]),
               "attention_mask": self._t(feeds["attention_mask"])}
         if self.decoder:
@@ -162,12 +199,15 @@ class TorchBackend:
                      self._t(feeds[f"past_key_values.{i}.value"], self.model.dtype))
                     for i in range(n)]
             kw[self.cache_kwarg] = DynamicCache(past) if past[0][0].shape[2] else DynamicCache()
-        out = self.model(**kw)
+        try:
+            out = self.model(**kw)
+        finally:
+            self._force = None
         res = {"logits": out.logits.float().cpu().numpy()}
         if self.kv_cache:
             for i, layer in enumerate(wrappers.output_cache(out).layers):
                 res[f"present.{i}.key"] = layer.keys.float().cpu().numpy()
                 res[f"present.{i}.value"] = layer.values.float().cpu().numpy()
-        for k, m in enumerate(self._masks):
-            res[MASK_PREFIX + str(k)] = m.cpu().numpy()
+        for k, v in self._probes.items():
+            res[k] = v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy()
         return res

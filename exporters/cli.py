@@ -65,6 +65,8 @@ def _print_export(r: dict, seconds: float):
               help="The LTE checkpoint the file was exported from (PyTorch side).")
 @click.option("-n", "n", type=int, default=4, show_default=True, help="Sequences to compare.")
 @click.option("--seq-len", type=int, default=32, show_default=True, help="Tokens per sequence.")
+@click.option("--decode-steps", type=int, default=3, show_default=True,
+              help="Tokens decoded one at a time after the prefill (files with KV cache).")
 @click.option("--data", multiple=True, type=click.Path(path_type=Path),
               help="Text (.txt, folder, .jsonl, saved dataset) to draw sequences from; "
                    "default: random tokens.")
@@ -77,8 +79,8 @@ def _print_export(r: dict, seconds: float):
                    "Runtime (needs TensorRT and a GPU).")
 @click.option("--report", type=click.Path(path_type=Path),
               help="JSON report path [default: <onnx stem>.validation.json beside the file].")
-def validate(onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_rate, engine,
-             report):
+def validate(onnx_file, reference, n, seq_len, decode_steps, data, atol, rtol, max_flip_rate,
+             engine, report):
     """Compare ONNX Runtime (or a TensorRT engine) with PyTorch; exit 1 when out of tolerance."""
     from lte_convert.exporters.validate import format_table
     from lte_convert.exporters.validate import validate as run_validation
@@ -87,7 +89,8 @@ def validate(onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_rate, 
     if engine is not None:
         from lte_convert.trt_plugins.runner import EngineRunner
         backend = EngineRunner(engine)
-    r = run_validation(onnx_file, reference, n=n, seq_len=seq_len, data=list(data) or None,
+    r = run_validation(onnx_file, reference, n=n, seq_len=seq_len, decode_steps=decode_steps,
+                       data=list(data) or None,
                        atol=atol, rtol=rtol, max_flip_rate=max_flip_rate, backend=backend,
                        report_path=report)
     click.echo(format_table(r))

@@ -101,8 +101,8 @@ def summary(r: dict) -> str:
     v, e = r["validation"], r["export"]
     files = [r["checkpoint"] + "/", e["path"]] + ([e["data_path"]] if e["data_path"] else [])
     files.append(v["report_path"])
-    worst = max(s["max_abs"] for s in v["steps"].values())
-    top1 = min(s["top1_agreement"] for s in v["steps"].values())
+    worst = max(s["max_abs"] for s in (v["forced"] or v["free"]).values())
+    top1 = min(s["top1_agreement"] for s in v["free"].values())
     secs = r["seconds"]
     return "\n".join([
         "",
@@ -113,8 +113,8 @@ def summary(r: dict) -> str:
         f"{min(r['layer_sparsity']):.0%}–{max(r['layer_sparsity']):.0%})",
         f"  perplexity          {r['perplexity_before']:.2f} dense -> {r['perplexity_after']:.2f} LTE",
         f"  validation          {'PASSED' if v['passed'] else 'FAILED'} "
-        f"(ONNX Runtime vs PyTorch, {v['compute_dtype']}: max |Δ logits| {worst:.2g}, "
-        f"top-1 {top1:.1%})",
+        f"(ONNX Runtime vs PyTorch, {v['compute_dtype']}: max |Δ logits| {worst:.2g} "
+        f"{v['verdict']}, top-1 {top1:.1%} free-running)",
         f"  time                train {secs['train']:.0f} s, export {secs['export']:.0f} s, "
         f"validate {secs['validate']:.0f} s",
         "  files               " + "\n                      ".join(files),

@@ -99,10 +99,11 @@ def test_export_and_validate(family, kv, checkpoints, exported):
 
     rep = validate(r["path"], checkpoints(family), n=2, seq_len=12)
     assert rep["passed"], rep["failures"]
-    assert rep["steps"][next(iter(rep["steps"]))]["max_abs"] < 1e-4
-    assert list(rep["steps"]) == (["prefill", "decode"] if kv else ["full"])
-    for s in rep["steps"].values():
-        assert s["top1_agreement"] == 1.0 and s["mask_flips_per_layer"] == [0] * LAYERS
+    assert rep["forced"][next(iter(rep["forced"]))]["max_abs"] < 1e-4
+    assert list(rep["forced"]) == (["prefill", "decode 1", "decode 2", "decode 3"] if kv
+                                   else ["full"])
+    for s in rep["free"].values():
+        assert s["top1_agreement"] == 1.0 and s["mask_differences_per_layer"] == [0] * LAYERS
     assert json.loads(open(rep["report_path"]).read())["passed"]
 
 
@@ -135,7 +136,7 @@ def test_half_precision(dtype, checkpoints, tmp_path):
     assert {o.name: o.type.tensor_type.elem_type for o in m.graph.output}["logits"] == want
     rep = validate(out, checkpoints("llama"), n=2, seq_len=12)
     assert rep["passed"], rep["failures"]
-    assert rep["compute_dtype"] == ("float16" if dtype == "fp16" else "float32")
+    assert rep["compute_dtype"] == ("float16" if dtype == "fp16" else "bfloat16-upcast")
 
 
 def test_model_not_fitting_dtype(tmp_path):

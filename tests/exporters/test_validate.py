@@ -63,8 +63,9 @@ def test_validate_fails_on_perturbed_file(llama, capsys, tmp_path):
     code, out, _ = _cli(["validate", str(bad), "-r", str(ckpt), "-n", "2", "--seq-len", "10"],
                         capsys)
     assert code == 1 and "FAILED" in out and "logits outside atol" in out
+    assert "first divergence: layer 0 FFN output" in out
     r = json.loads((tmp_path / "perturbed.validation.json").read_text())
-    assert not r["passed"] and r["steps"]["prefill"]["out_of_tolerance_checked"] > 0
+    assert not r["passed"] and r["forced"]["prefill"]["logits_outside"] > 0
     # the same file passes when the tolerance is loose enough: the threshold is what fails it
     code, out, _ = _cli(["validate", str(bad), "-r", str(ckpt), "-n", "2", "--seq-len", "10",
                          "--atol", "100"], capsys)
@@ -145,32 +146,47 @@ def test_export_cli_dtype_overflow_leaves_nothing(capsys, tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_masks_flip_counting():
-    """compare_step counts flips per layer; tokens from the first flip on are exempt (causal)."""
-    from lte_convert.exporters.validate import compare_step, judge
+def test_flip_check_bounds_the_router_margin():
+    """A flip within rounding of the threshold is allowed; one far from it is counted."""
+    from lte_convert.exporters.validate import check_flips, flip_bound
 
-    tol = {"atol": 1e-3, "rtol": 0.0, "max_flip_rate": 0.1}
-    logits = np.zeros((2, 4, 5), np.float32)
-    m0 = np.zeros((2, 4, 3), bool)
-    ref = {"logits": logits, "lte_mask.0": m0, "lte_mask.1": m0}
-    test_logits = logits.copy()
-    test_logits[0, 2:] += 1.0                     # tokens 2, 3 of sequence 0 differ ...
-    m1 = m0.copy()
-    m1[0, 2, 1] = True                            # ... because a decision flipped at token 2
-    test = {"logits": test_logits, "lte_mask.0": m0, "lte_mask.1": m1}
-    s, first = compare_step(ref, test, tol)
-    assert s["mask_flips_per_layer"] == [0, 1] and s["tokens_with_flips"] == 1
-    assert s["tokens_exempt"] == 2 and list(first) == [2, np.inf]
-    assert s["out_of_tolerance"] == 10 and s["out_of_tolerance_checked"] == 0
-    assert judge({"full": s}, tol) == []
-    assert judge({"full": s}, dict(tol, max_flip_rate=0.01))      # 1/48 flips > 1%
-    # a later step of the same sequence stays exempt; the other sequence does not
-    step2 = {"logits": np.ones((2, 1, 5), np.float32)}
-    s2, _ = compare_step({"logits": np.zeros((2, 1, 5), np.float32)}, step2, tol, first, offset=4)
-    assert s2["tokens_exempt"] == 1 and s2["out_of_tolerance_checked"] == 5
-    # encoders: a flip anywhere exempts the whole sequence
-    test_logits[0, 0] += 1.0
-    s, _ = compare_step(ref, test, tol, causal=False)
-    assert s["tokens_exempt"] == 4 and s["out_of_tolerance_checked"] == 0
-    s, _ = compare_step(ref, test, tol, causal=True)              # token 0 precedes the flip
-    assert s["out_of_tolerance_checked"] == 5 and judge({"full": s}, tol)
+    d = 8
+    w = np.eye(3, d)                                   # z_e = x_e + b_e
+    b = np.zeros(3)
+    x = np.zeros((1, 4, d), np.float32)
+    x[0, :, :3] = [[1.0, -1.0, 1e-9], [1.0, -1.0, -1e-9], [0.5, -0.5, 2.0], [1, 1, 1]]
+    mask = x[..., :3] > 0
+    mask[0, 0, 2] = False                              # |z| = 1e-9 of scale ~1e-9: far
+    mask[0, 2, 1] = True                               # z = -0.5: far from 0
+    bound = flip_bound(d, "float32")
+    assert bound == pytest.approx(9 * 2.0 ** -24, rel=1e-6)
+    [layer] = check_flips({"lte_mask.0": mask, "lte_x.0": x}, [(w, b)], bound)
+    assert layer["flips"] == 2 and layer["far"] == 2 and layer["max_margin"] == 1.0
+    # near the threshold: z = 1e-9 against a scale of 1 (x has another large entry)
+    w2 = np.ones((1, d))
+    x2 = np.zeros((1, 1, d), np.float32)
+    x2[0, 0, :2] = [1.0, -1.0 + 1e-7]
+    [layer] = check_flips({"lte_mask.0": np.zeros((1, 1, 1), bool), "lte_x.0": x2},
+                          [(w2, np.zeros(1))], bound)
+    assert layer["flips"] == 1 and layer["far"] == 0
+
+
+def test_compare_forced_points_at_the_first_divergence():
+    from lte_convert.exporters.validate import compare_forced, judge
+
+    tol = {"atol": 1e-3, "rtol": 0.0, "max_flip_rate": 0.1, "min_top1": 0.9, "max_kl": 1e-3}
+    ref = {"logits": np.zeros((1, 2, 5)), "present.0.key": np.zeros(3), "present.0.value":
+           np.zeros(3), "present.1.key": np.zeros(3), "present.1.value": np.zeros(3),
+           "lte_ffn.0": np.zeros((1, 2, 4)), "lte_ffn.1": np.zeros((1, 2, 4))}
+    test = {k: v.copy() for k, v in ref.items()}
+    assert judge({"prefill": compare_forced(ref, test, tol, [0, 1], 2)}, None, {}, tol, 0, [0, 1]) == []
+    test["lte_ffn.1"][0, 1, 0] = 1.0                   # layer 1's FFN is wrong ...
+    test["logits"][0, 1] = 1.0                         # ... and so are the logits after it
+    s = compare_forced(ref, test, tol, [0, 1], 2)
+    assert s["first_divergence"] == "layer 1 FFN output (lte node pair 1)"
+    assert s["logits_outside"] == 5 and s["first_outside"] == "sequence 0, token 1"
+    [msg] = judge({"decode 2": s}, None, {}, tol, 0, [0, 1])
+    assert msg.startswith("decode 2 (mask-forced): 5 logits outside") and "layer 1 FFN" in msg
+    test["present.1.key"][0] = 1.0                     # layer 1's attention comes first
+    s = compare_forced(ref, test, tol, [0, 1], 2)
+    assert s["first_divergence"] == "layer 1 cache (present.1.key)"
