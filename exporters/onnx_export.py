@@ -27,7 +27,7 @@ import torch
 
 from lte_convert.atomic import atomic_path
 from lte_convert.errors import UserError
-from lte_convert.exporters import functions, metadata, wrappers
+from lte_convert.exporters import functions, metadata, symbolic, wrappers
 from lte_convert.plugins import spec
 
 OPSET = functions.OPSET
@@ -136,7 +136,8 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
             wrapper, (), kwargs=kwargs, dynamo=True, dynamic_shapes=shapes,
             input_names=wrappers.input_names(n_layers, kv_cache),
             output_names=wrappers.output_names(n_layers, kv_cache),
-            opset_version=OPSET, verbose=False)
+            opset_version=OPSET, verbose=False,
+            custom_translation_table=symbolic.translation_table())
     graph = program.model
 
     counts = count_custom_nodes(graph)

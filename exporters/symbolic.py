@@ -1,7 +1,10 @@
-"""ONNX emitter of the sparse FFN: the `lte::SparseFFNUp` + `lte::SparseFFNDown` node pair.
+"""ONNX translation of `torch.ops.lte.sparse_ffn`: the `lte::SparseFFNUp` + `lte::SparseFFNDown`
+node pair.
 
-`plugins.ops.sparse_ffn` calls `emit_sparse_ffn` while `torch.onnx.export(..., dynamo=True)`
-traces a folded LTE model. Each call becomes two custom nodes in the graph:
+A folded LTE model calls `torch.ops.lte.sparse_ffn` in every mode (plugins/ops.py), so
+`torch.export` keeps the op in its program (its fake kernel gives the shapes). The ONNX
+exporter maps it through the standard route, `torch.onnx.export(..., dynamo=True,
+custom_translation_table=translation_table())`: each call becomes two custom nodes.
 
     x [..., d], mask [..., E] (bool)
       │
@@ -9,45 +12,72 @@ traces a folded LTE model. Each call becomes two custom nodes in the graph:
       └─► lte::SparseFFNDown(h, mask, w_down_t, b_down)          ─► y [..., d]
 
 Inputs follow plugins/spec.py (UP_INPUTS, DOWN_INPUTS) exactly: a non-gated FFN passes
-W_up/b_up again in the gate slots with gated=0, and an absent bias becomes a zero vector,
-so every node has the same fixed input list (what a TensorRT plugin needs). The nodes carry
-the spec's attributes plus plugin_namespace="lte" (how TensorRT's ONNX parser finds the
-plugin). Their model-local function bodies are attached after export (exporters/functions.py).
+W_up/b_up again in the gate slots with gated=0, and an absent bias becomes a zero vector
+(a constant, which the exporter stores as an initializer), so every node has the same fixed
+input list (what a TensorRT plugin needs). The nodes carry the spec's attributes plus
+plugin_namespace="lte" (how TensorRT's ONNX parser finds the plugin). Their model-local
+function bodies are attached after export (exporters/functions.py). The exporter needs an
+ONNX schema for each custom op (register_schemas) to accept the nodes.
 """
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxscript
 import torch
+from onnx.defs import OpSchema
+from onnxscript import opset19 as op
 
 from lte_convert.plugins import spec
 
+_LTE = onnxscript.values.Opset(spec.NAMESPACE, spec.OP_VERSION)
+_ATTR_TYPES = {int: OpSchema.AttrType.INT, str: OpSchema.AttrType.STRING}
 
-def _attrs(base: dict) -> dict:
-    return {**base, spec.PLUGIN_NAMESPACE_ATTR: spec.NAMESPACE}
+
+def register_schemas() -> None:
+    """ONNX schemas of lte::SparseFFNUp / SparseFFNDown (once per process)."""
+    param = OpSchema.FormalParameter
+    for name, inputs, outputs, attrs in (
+            (spec.OP_UP, spec.UP_INPUTS, spec.UP_OUTPUTS, spec.UP_ATTRS),
+            (spec.OP_DOWN, spec.DOWN_INPUTS, spec.DOWN_OUTPUTS, spec.DOWN_ATTRS)):
+        if onnx.defs.has(name, spec.NAMESPACE):
+            continue
+        onnx.defs.register_schema(OpSchema(
+            name, spec.NAMESPACE, spec.OP_VERSION,
+            inputs=[param(n, "M" if n == "mask" else "T") for n in inputs],
+            outputs=[param(n, "T") for n in outputs],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+                               "model dtype"), ("M", ["tensor(bool)"], "expert mask")],
+            attributes=[OpSchema.Attribute(a, _ATTR_TYPES[t], "") for a, t in attrs.items()]
+            + [OpSchema.Attribute(spec.PLUGIN_NAMESPACE_ATTR, OpSchema.AttrType.STRING, "")]))
 
 
-def emit_sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down,
-                    shape: spec.FFNShape) -> torch.Tensor:
-    """Emit the node pair for one FFN; returns y [..., d] (a symbolic tensor while exporting).
+def _zeros(like, axis: int, x):
+    """A zero vector as long as `like`'s dimension `axis`, in x's dtype (a constant)."""
+    return op.Constant(value=ir.tensor(np.zeros(int(like.shape[axis]), x.dtype.numpy())))
 
-    x [..., d] (model dtype), mask [..., E] bool, w_* [F, d], b_gate/b_up [F] or None,
-    b_down [d] or None. `shape` must describe these tensors (attributes come from it, never
-    from tensor values, so nothing is read back from the device during tracing).
-    """
-    F_, d = shape.d_ff, shape.d
+
+def sparse_ffn_to_onnx(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size,
+                       activation):
+    """Translation of torch.ops.lte.sparse_ffn (same arguments) into the node pair."""
+    gated = w_gate is not None
     if b_up is None:
-        b_up = torch.zeros(F_, dtype=x.dtype, device=x.device)
-    if shape.gated:
-        if b_gate is None:
-            b_gate = torch.zeros(F_, dtype=x.dtype, device=x.device)
-    else:
+        b_up = _zeros(w_up, 0, x)
+    if not gated:
         w_gate, b_gate = w_up, b_up
+    elif b_gate is None:
+        b_gate = _zeros(w_up, 0, x)
     if b_down is None:
-        b_down = torch.zeros(d, dtype=x.dtype, device=x.device)
+        b_down = _zeros(w_down_t, 1, x)
+    h = _LTE.SparseFFNUp(x, mask, w_gate, w_up, b_gate, b_up, expert_size=expert_size,
+                         activation=activation, gated=int(gated),
+                         plugin_namespace=spec.NAMESPACE)
+    return _LTE.SparseFFNDown(h, mask, w_down_t, b_down, expert_size=expert_size,
+                              plugin_namespace=spec.NAMESPACE)
 
-    lead = list(x.shape[:-1])
-    h = torch.onnx.ops.symbolic(
-        spec.qualified(spec.OP_UP), (x, mask, w_gate, w_up, b_gate, b_up),
-        _attrs(shape.up_attrs()), dtype=x.dtype, shape=[*lead, F_], version=spec.OP_VERSION)
-    return torch.onnx.ops.symbolic(
-        spec.qualified(spec.OP_DOWN), (h, mask, w_down_t, b_down),
-        _attrs(shape.down_attrs()), dtype=x.dtype, shape=[*lead, d], version=spec.OP_VERSION)
+
+def translation_table() -> dict:
+    """`custom_translation_table` for torch.onnx.export(dynamo=True)."""
+    register_schemas()
+    return {torch.ops.lte.sparse_ffn.default: sparse_ffn_to_onnx}

@@ -19,8 +19,9 @@
    (flip_bound: the worst-case rounding of a (d+1)-term dot product), so every flip must lie
    within that margin — a flip far from the threshold is a bug, not rounding — and the flip
    rate must stay under max_flip_rate.
-3. Free-running comparison (each side routes on its own): top-1 agreement and KL(ref ‖
-   backend) per step, held to min_top1 and max_kl. A backend that returns no masks (a TensorRT
+3. Free-running comparison (each side routes on its own): top-1 agreement (per step in the
+   table; all tokens together held to min_top1, since a decode step has only n tokens) and
+   the mean KL(ref ‖ backend) of each step, held to max_kl. A backend that returns no masks (a TensorRT
    engine) is judged by this alone; the report's note says what that does and does not prove.
 
 Defaults are per compute dtype (DEFAULT_TOLERANCES; derivation in docs/exporters.md). A
@@ -52,8 +53,8 @@ from lte_convert.plugins import spec
 DEFAULT_TOLERANCES = {
     "float32": {"atol": 1e-2, "rtol": 1e-3, "max_flip_rate": 1e-3, "min_top1": 0.9,
                 "max_kl": 1e-3},
-    "bfloat16-upcast": {"atol": 5e-2, "rtol": 2e-3, "max_flip_rate": 1e-3, "min_top1": 0.9,
-                        "max_kl": 1e-3},
+    "bfloat16-upcast": {"atol": 1e-1, "rtol": 2e-3, "max_flip_rate": 1e-3, "min_top1": 0.9,
+                        "max_kl": 1e-2},
     "float16": {"atol": 1e-1, "rtol": 2e-3, "max_flip_rate": 1e-2, "min_top1": 0.9,
                 "max_kl": 1e-2},
     "bfloat16": {"atol": 8e-1, "rtol": 1.6e-2, "max_flip_rate": 3e-2, "min_top1": 0.9,
@@ -365,10 +366,13 @@ def judge(forced: dict | None, flips: dict | None, free: dict, tol: dict, bound:
         if decisions and total / decisions > tol["max_flip_rate"]:
             fails.append(f"{total} of {decisions} expert decisions flipped ({total / decisions:.2%}"
                          f" > max_flip_rate {tol['max_flip_rate']:.2%})")
+    tokens = sum(s["tokens"] for s in free.values())
+    top1 = sum(s["top1_agreement"] * s["tokens"] for s in free.values()) / max(tokens, 1)
+    if free and top1 < tol["min_top1"]:
+        fails.append(f"free-running: top-1 agreement {top1:.1%} over all {tokens} tokens < "
+                     f"{tol['min_top1']:.0%} (per step: " + ", ".join(
+                         f"{n} {s['top1_agreement']:.0%}" for n, s in free.items()) + ")")
     for name, s in free.items():
-        if s["top1_agreement"] < tol["min_top1"]:
-            fails.append(f"{name} (free-running): top-1 agreement {s['top1_agreement']:.1%} < "
-                         f"{tol['min_top1']:.0%}")
         if s["kl_mean"] > tol["max_kl"]:
             fails.append(f"{name} (free-running): mean KL {s['kl_mean']:.3g} > max_kl "
                          f"{tol['max_kl']:g}")
@@ -497,7 +501,8 @@ def format_table(report: dict) -> str:
                      f"largest margin {margin:.3g} (bound {t['flip_margin']:.3g}, "
                      f"max_flip_rate {t['max_flip_rate']:g})")
     lines += _table(
-        f"free-running (each side its own masks; top-1 >= {t['min_top1']:.0%}, mean KL <= "
+        f"free-running (each side its own masks; top-1 over all tokens >= {t['min_top1']:.0%}, "
+        f"mean KL per step <= "
         f"{t['max_kl']:g})", report["free"],
         [("max |Δ| logits", "max_abs", "{:.3g}"), ("top-1 agreement", "top1_agreement", "{:.2%}"),
          ("mean KL", "kl_mean", "{:.3g}"), ("max KL", "kl_max", "{:.3g}"),

@@ -21,10 +21,16 @@ Plan of one call, for x [n, d] and mask [n, E] (leading dims flattened):
     h       = act(gate + b_gate) ⊙ (up + b_up) in fp32, rounded to x's dtype; for n > 1 (or a
               plan that covers skipped experts) each token's h is zeroed on the experts it did
               not select (the reference's masking, exactly)
-    y       = n = 1 and plan.bag: embedding_bag(active rows, W_down_t,
+    y       = n = 1 and plan.bag (fp32 only): embedding_bag(active rows, W_down_t,
                      per_sample_weights=h, mode="sum") = Σ_f h_f · W_down_t[f], one call
-              else: one GEMM per block, accumulated into y
+              else: one GEMM per block, accumulated into an fp32 y
     dense   = (no plan) F.linear per matrix, h masked per token, F.linear over W_down_t
+
+Numerics (plugins/spec.py, the rule every implementation follows): gate, up and y accumulate
+in fp32 and are never rounded; h is rounded to the model dtype once, y once at the end. CPU
+GEMMs have no fp16/bf16-in, fp32-out form, so in fp16/bf16 each GEMM reads an fp32 copy of the
+block of weights it needs (`.float()`, a no-op in fp32): the active blocks only, which costs
+the copy but keeps the rule (results/cpu_bench.md).
 
 Rules: the per-call work besides the GEMMs is a handful of ops (Python-level calls cost
 microseconds); outputs of the block GEMMs are fresh tensors joined by one cat (bmm with out=
@@ -73,12 +79,15 @@ def _gemms(w, starts, runs, xt, halves):
     into two halves so it too goes through the batched GEMM (a block of odd length, and any
     block without `halves`, is one torch.mm)."""
     k, _, d = w.shape
+    xt = xt.float()
     if k == 2:
         xt2 = xt.expand(2, -1, -1)
-        return torch.cat([torch.bmm(w[:, b:b + r], xt2) for b, r in zip(starts, runs)], 1)
+        return torch.cat([torch.bmm(w[:, b:b + r].float(), xt2) for b, r in zip(starts, runs)],
+                         1)
     w0, n, xt2 = w[0], xt.shape[1], xt.expand(2, -1, -1)
-    outs = [torch.bmm(w0[b:b + r].view(2, -1, d), xt2).view(r, n) if halves and r % 2 == 0
-            else torch.mm(w0[b:b + r], xt) for b, r in zip(starts, runs)]
+    outs = [torch.bmm(w0[b:b + r].view(2, -1, d).float(), xt2).view(r, n)
+            if halves and r % 2 == 0 else torch.mm(w0[b:b + r].float(), xt)
+            for b, r in zip(starts, runs)]
     return torch.cat(outs)[None]
 
 
@@ -96,27 +105,33 @@ def _up_packed(x2, mask2, stacks, gated, b_gate, b_up, s, activation, plan):
 
 
 def _down_packed(h, starts, runs, rows, w_down_t, b_down, bag=True):
-    """y [n, d] = Σ over the packed rows f of h[f] · W_down_t[rows[f]] (+ b_down): one
-    embedding_bag for one token with `bag`, else one GEMM per block."""
-    if h.shape[1] == 1 and bag:
+    """y [n, d] in h's dtype = Σ over the packed rows f of h[f] · W_down_t[rows[f]] (+ b_down),
+    accumulated in fp32: one embedding_bag for one fp32 token with `bag`, else one GEMM per
+    block into an fp32 y."""
+    if h.shape[1] == 1 and bag and h.dtype == torch.float32:
         y = F.embedding_bag(rows, w_down_t, _OFFSET0, per_sample_weights=h.view(-1),
                             mode="sum")
     else:
-        y = h.new_zeros(h.shape[1], w_down_t.shape[1])
-        for b, r, h_run in zip(starts, runs, h.split(runs)):
-            y.addmm_(h_run.t(), w_down_t[b:b + r])
+        y = torch.zeros(h.shape[1], w_down_t.shape[1])
+        for b, r, h_run in zip(starts, runs, h.float().split(runs)):
+            y.addmm_(h_run.t(), w_down_t[b:b + r].float())
     if b_down is not None:
-        y += b_down
-    return y
+        y += b_down.float()
+    return y.to(h.dtype)
+
+
+def _f32(t):
+    return None if t is None else t.float()
 
 
 def _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation):
-    """h [n, F] in x's dtype with one GEMM per matrix, masked per token."""
-    up = F.linear(x2, w_up, b_up).float()
+    """h [n, F] in x's dtype with one fp32 GEMM per matrix, masked per token."""
+    xf = x2.float()
+    up = F.linear(xf, w_up.float(), _f32(b_up))
     if w_gate is None:
         h = ACT_FNS[activation](up)
     else:
-        h = ACT_FNS[activation](F.linear(x2, w_gate, b_gate).float()).mul_(up)
+        h = ACT_FNS[activation](F.linear(xf, w_gate.float(), _f32(b_gate))).mul_(up)
     h = h.view(h.shape[0], -1, s).mul_(mask2[:, :, None]).view(h.shape[0], -1)
     return h.to(x2.dtype)
 
@@ -181,7 +196,7 @@ def sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_siz
     x2, mask2, stacks, plan = _prepare(x, mask, w_gate, w_up, s)
     if plan is None:
         h = _dense_h(x2, mask2, w_gate, w_up, b_gate, b_up, s, activation)
-        return F.linear(h, w_down_t.t(), b_down).view(x.shape)
+        return F.linear(h.float(), w_down_t.float().t(), _f32(b_down)).to(x.dtype).view(x.shape)
     starts, runs, rows = plan[:3]
     if not runs:                                              # no expert active anywhere
         return _bias_only(x2.shape[0], d, b_down, x2).view(x.shape)

@@ -14,9 +14,11 @@ without Triton imports this module fine). Every kernel validates its inputs with
 spec.check_inputs first, so a bad input is a ValueError naming the expected and actual
 values, never a wrong answer or a crash inside a kernel.
 
-`sparse_ffn(..., shape)` is what converter.lte_ffn.LTEFFN calls in "folded" mode: while
-exporting (ONNX or torch.export) it emits the lte::SparseFFNUp/Down node pair through
-exporters.symbolic, otherwise it runs torch.ops.lte.sparse_ffn.
+`sparse_ffn(..., shape)` is what converter.lte_ffn.LTEFFN calls in "folded" mode: it runs
+torch.ops.lte.sparse_ffn in every mode, so `torch.export` keeps the op in the exported program
+(AOTInductor, ExecuTorch and pt2e see the real op, and run its kernels), and the ONNX
+exporter maps it to the lte::SparseFFNUp/Down node pair through its translation table
+(exporters/symbolic.py). plugins/ imports nothing from exporters/.
 """
 from __future__ import annotations
 
@@ -211,17 +213,11 @@ def _sparse_ffn_down_fake(h, mask, w_down_t, b_down, expert_size):
 # Entry point for LTE modules
 # ---------------------------------------------------------------------------------------------
 def sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, shape: FFNShape):
-    """y = lte.SparseFFN(x, mask) for one FFN described by `shape`.
-
-    Exporting (torch.onnx.export or torch.export): the ONNX node pair from
-    exporters.symbolic. Otherwise torch.ops.lte.sparse_ffn (CPU or Triton kernel).
-    """
+    """y = lte.SparseFFN(x, mask) for one FFN described by `shape`: torch.ops.lte.sparse_ffn
+    (CPU or Triton kernel; kept as one op by torch.export)."""
     if shape.gated != (w_gate is not None):
         raise ValueError(f"lte.SparseFFN: shape says gated={shape.gated} but w_gate is "
                          f"{'missing' if w_gate is None else 'given'}; pass W_gate exactly "
                          "for gated FFNs.")
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
-        from lte_convert.exporters.symbolic import emit_sparse_ffn
-        return emit_sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, shape)
     return torch.ops.lte.sparse_ffn(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down,
                                     shape.expert_size, shape.activation)

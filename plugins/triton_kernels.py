@@ -303,7 +303,7 @@ def act_mul_mask_kernel(gate_ptr, up_ptr, mask_ptr,
                         GATED: tl.constexpr, BLOCK: tl.constexpr):
     """h[t, f] = act(gate[t, f])·up[t, f]·mask[t, f // s] (PyTorch prefill path only).
 
-    gate and up are [T, F] with row stride LD (F, or 2F for the column halves of one
+    gate and up are fp32 [T, F] (unrounded GEMM outputs) with row stride LD (F, or 2F for the column halves of one
     [T, 2F] GEMM output); h is [T, F] contiguous. Grid: (T, cdiv(F, BLOCK)).
     """
     t = tl.program_id(0).to(tl.int64)
@@ -537,26 +537,43 @@ def sparse_ffn_down(h2d, mask2d, w_down_t, b_down, *, expert_size,
     return y
 
 
+def _mm_f32(a, b):
+    """a @ b accumulated in fp32 and returned in fp32 (never rounded to a's dtype): cuBLAS's
+    fp16/bf16-in, fp32-out GEMM (`out_dtype`) on CUDA; fp32 copies elsewhere (the
+    interpreter's CPU tensors)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _dense_gate_up(x2d, w_gate, w_up, b_gate, b_up):
-    """cuBLAS gate, up [T, F] (gate None when not gated). One GEMM for both when W_gate and
-    W_up are one contiguous [2F, d] block (spec.gate_up_pair, as a folded LTEFFN holds them)
-    and have no biases: gate and up are then the column halves of its [T, 2F] output."""
+    """cuBLAS gate, up [T, F] in fp32 (gate None when not gated). One GEMM for both when W_gate
+    and W_up are one contiguous [2F, d] block (spec.gate_up_pair, as a folded LTEFFN holds
+    them): gate and up are then the column halves of its [T, 2F] output."""
     F_ = w_up.shape[0]
     pair = gate_up_pair(w_gate, w_up)
-    if pair is not None and pair.stride(0) == w_up.numel() and b_gate is None and b_up is None:
-        gu = x2d @ pair.view(2 * F_, -1).t()                     # [T, 2F]
-        return gu[:, :F_], gu[:, F_:]
-    up = torch.nn.functional.linear(x2d, w_up, b_up)
-    return (torch.nn.functional.linear(x2d, w_gate, b_gate) if w_gate is not None else None), up
+    if pair is not None and pair.stride(0) == w_up.numel():
+        gu = _mm_f32(x2d, pair.view(2 * F_, -1).t())            # [T, 2F]
+        gate, up = gu[:, :F_], gu[:, F_:]
+    else:
+        up = _mm_f32(x2d, w_up.t())
+        gate = _mm_f32(x2d, w_gate.t()) if w_gate is not None else None
+    if b_up is not None:
+        up = up + b_up.float()
+    if gate is not None and b_gate is not None:
+        gate = gate + b_gate.float()
+    return gate, up
 
 
-def _act_mul_mask(gate, up, mask2d, expert_size, activation):
-    """h = act(gate)·up·mask (gate None: act(up)·mask), one fused elementwise launch; gate and
-    up may be column slices with a common row stride."""
+def _act_mul_mask(gate, up, mask2d, expert_size, activation, dtype):
+    """h = act(gate)·up·mask in `dtype` (gate None: act(up)·mask), one fused elementwise
+    launch; gate and up (fp32) may be column slices with a common row stride."""
     T, F = up.shape
     assert up.stride(1) == 1 and (gate is None or gate.stride() == up.stride()), up.stride()
     mask_u8 = _mask_bytes(mask2d, T, F // expert_size)
-    h = up.new_empty(T, F)
+    h = torch.empty((T, F), dtype=dtype, device=up.device)
     BLOCK = min(1024, triton.next_power_of_2(F))
     act_mul_mask_kernel[(T, triton.cdiv(F, BLOCK))](
         gate if gate is not None else up, up, mask_u8, F, up.stride(0), h,
@@ -566,8 +583,12 @@ def _act_mul_mask(gate, up, mask2d, expert_size, activation):
 
 
 def _masked_down(h, w_down_t, b_down):
-    """cuBLAS y = h·W_down_t + b_down for an h whose skipped experts are already 0."""
-    return torch.addmm(b_down, h, w_down_t) if b_down is not None else h @ w_down_t
+    """cuBLAS y = h·W_down_t + b_down, accumulated in fp32 and rounded once to h's dtype, for
+    an h whose skipped experts are already 0."""
+    y = _mm_f32(h, w_down_t)
+    if b_down is not None:
+        y = y + b_down.float()
+    return y.to(h.dtype)
 
 
 def sparse_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down, *,
@@ -582,12 +603,14 @@ def sparse_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down, *,
       T >= DENSE_MIN_TOKENS:       cuBLAS for all three projections (gate and up as one GEMM
                                    when paired, _dense_gate_up), one fused kernel for
                                    act(gate)·up·mask (the union is nearly every expert).
+    Every path follows plugins/spec.py's numerics: gate, up and y accumulate in fp32 and are
+    not rounded (cuBLAS returns fp32, `_mm_f32`); h is rounded once, y once.
     """
     T = x2d.shape[0]
     gated = w_gate is not None
     if T >= DENSE_MIN_TOKENS:
         gate, up = _dense_gate_up(x2d, w_gate, w_up, b_gate, b_up)
-        return _masked_down(_act_mul_mask(gate, up, mask2d, expert_size, activation),
+        return _masked_down(_act_mul_mask(gate, up, mask2d, expert_size, activation, x2d.dtype),
                             w_down_t, b_down)
     h = sparse_ffn_up(x2d, mask2d, w_gate, w_up, b_gate, b_up, expert_size=expert_size,
                       activation=activation, gated=gated)

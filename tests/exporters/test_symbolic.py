@@ -1,10 +1,12 @@
-"""emit_sparse_ffn: the node pair, its inputs and attributes, as plugins/spec.py defines them."""
+"""torch.ops.lte.sparse_ffn through torch.export and the ONNX translation table: the op stays
+one op in a torch.export program (which computes what eager does), and the ONNX exporter turns
+it into the node pair with the inputs and attributes plugins/spec.py defines."""
 import pytest
 import torch
 from onnx import numpy_helper
 
-from lte_convert.exporters.symbolic import emit_sparse_ffn
-from lte_convert.plugins import spec
+from lte_convert.exporters.symbolic import translation_table
+from lte_convert.plugins import ops, spec
 
 D, F, S = 8, 16, 4
 
@@ -22,13 +24,14 @@ class _FFN(torch.nn.Module):
         self.b_down = p(D) if biases else None
 
     def forward(self, x):
-        return emit_sparse_ffn(x, self.router(x) > 0, self.w_gate, self.w_up, self.w_down_t,
-                               self.b_gate, self.b_up, self.b_down, self.shape)
+        return ops.sparse_ffn(x, self.router(x) > 0, self.w_gate, self.w_up, self.w_down_t,
+                              self.b_gate, self.b_up, self.b_down, self.shape)
 
 
 def _export(module):
     prog = torch.onnx.export(module, (torch.randn(2, 3, D),), dynamo=True, verbose=False,
-                             dynamic_shapes=({0: "batch", 1: "seq"},))
+                             dynamic_shapes=({0: "batch", 1: "seq"},),
+                             custom_translation_table=translation_table())
     return prog.model_proto
 
 
@@ -56,3 +59,29 @@ def test_node_pair(gated, biases):
     else:                                                     # W_up/b_up again in gate slots
         assert (w_gate, b_gate) == (w_up, b_up)
         assert not (inits[b_up] == 0).all()
+
+
+def test_torch_export_of_a_folded_model_equals_eager():
+    """A folded LTE Llama through torch.export: lte.sparse_ffn stays in the program, once per
+    LTE FFN, and the program's logits are eager PyTorch's."""
+    from lte_convert.converter.checkpoint import load_lte_model
+    from tests.exporters.conftest import tiny_checkpoint
+    from tiny_models import random_ids
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = load_lte_model(tiny_checkpoint("llama", f"{tmp}/ckpt"))
+    ids = random_ids(2, 7)
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    with torch.no_grad():
+        program = torch.export.export(Logits().eval(), (ids,))
+        assert str(program.graph).count("lte.sparse_ffn") == model.config.num_hidden_layers
+        torch.testing.assert_close(program.module()(ids), Logits().eval()(ids), rtol=0, atol=0)

@@ -46,7 +46,9 @@ def test_validate_cli_passes(llama, capsys, tmp_path):
     assert code == 0, out
     assert "PASSED" in out and "prefill" in out and "decode" in out and "top-1" in out
     r = json.loads(report.read_text())
-    assert r["passed"] and r["inputs"] == {"source": "random tokens", "n": 2, "seq_len": 10}
+    assert r["passed"] and r["inputs"] == {"source": "random tokens", "n": 2, "seq_len": 10,
+                                           "decode_steps": 3}
+    assert r["verdict"] == "mask-forced" and "mask-forced" in out and "free-running" in out
 
 
 def test_validate_fails_on_perturbed_file(llama, capsys, tmp_path):

@@ -94,9 +94,9 @@ def test_entry_point_runs_the_op_and_checks_gating():
         ops.sparse_ffn(x, mask, *w, FFNShape(D, F, S, "silu", gated=False))
 
 
-def test_entry_point_emits_onnx_nodes_under_torch_export():
-    """While exporting, LTE modules get exporters.symbolic's node pair, not the kernel."""
-    pytest.importorskip("lte_convert.exporters.symbolic")
+def test_torch_export_keeps_the_op_and_computes_it():
+    """torch.export keeps lte.sparse_ffn as one op (no ONNX placeholder): the exported program
+    computes what eager PyTorch computes."""
     x, mask, w = inputs(lead=(3,))
     shape = FFNShape(d=D, d_ff=F, expert_size=S, activation="silu", gated=True)
 
@@ -104,9 +104,11 @@ def test_entry_point_emits_onnx_nodes_under_torch_export():
         def forward(self, x, mask):
             return ops.sparse_ffn(x, mask, *w, shape)
 
-    graph = str(torch.export.export(M(), (x, mask)).graph)
-    assert "lte.sparse_ffn" not in graph
-    assert "SparseFFNUp" in graph and "SparseFFNDown" in graph
+    program = torch.export.export(M(), (x, mask))
+    assert "lte.sparse_ffn" in str(program.graph) and "SparseFFN" not in str(program.graph)
+    out = program.module()(x, mask)
+    assert out.abs().max() > 0
+    torch.testing.assert_close(out, M()(x, mask))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ before `import triton`), so one process cannot do both, and setting it here woul
 every other test module of the pytest session. This module therefore runs itself in two
 subprocesses: `--interpret` runs every kernel case under Triton's interpreter (fp32 and
 fp16; the interpreter's bf16 tl.dot is broken) and `--aot` compiles every default config
-ahead of time for sm_80 / sm_90 as trt_plugins/ does and assembles the PTX with ptxas. Each
+ahead of time for sm_80 / sm_90 as trt_plugins/ does and assembles the PTX with the ptxas
+Triton ships (the test fails when it is missing). Each
 prints JSON; the tests below assert on it, one test per case.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ if __name__ == "__main__" and {"--interpret", "--interpret-real"} & set(sys.argv
     os.environ["TRITON_INTERPRET"] = "1"   # before torch/triton are imported
 
 import json  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import traceback  # noqa: E402
@@ -30,7 +30,9 @@ from lte_convert.plugins.reference import (  # noqa: E402
     sparse_ffn_down_reference, sparse_ffn_reference, sparse_ffn_up_reference)
 
 ROOT = Path(__file__).resolve().parents[2]
-TOL = {"fp32": 1e-5, "fp16": 1e-2}
+# Both sides accumulate in fp32 and round h and y once (plugins/spec.py), so in fp16 they
+# differ by about one rounding: the unit roundoff u = 2^-11 bounds the relative error.
+TOL = {"fp32": 1e-5, "fp16": 2.0 ** -11}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -84,7 +86,8 @@ WHOLE_OP = [(1, True, True, "silu", False), (4, True, True, "silu", False),
             (1, True, False, "silu", True), (20, True, False, "silu", True),
             (33, True, True, "gelu", True)]
 WHOLE_OP_IDS = [f"T{T}-{'gated' if g else 'plain'}{'-bias' if b else ''}-{a}"
-                f"{'-paired' if p else ''}" for T, g, b, a, p in WHOLE_OP]
+                f"{'-paired' if p else ''}-{dt}" for T, g, b, a, p in WHOLE_OP
+                for dt in ("fp32", "fp16")]
 AOT_T = (1, 16, 64, 4096)         # one T per launch_config bucket
 AOT_IDS = [f"{op}-{dt}-sm{arch}" for op in ("up", "down")   # fp16 compiles like bf16
            for dt, arch in (("bf16", 80), ("bf16", 90), ("fp16", 90), ("fp32", 80), ("fp32", 90))]
@@ -124,9 +127,10 @@ def _run_interpret():
             for i, (c, p, dt) in zip(KERNEL_IDS, ((c, p, dt) for c in CASES
                                                    for p in sorted(PATHS)
                                                    for dt in ("fp32", "fp16")))]
-    for name, (T, gated, bias, act, paired) in zip(WHOLE_OP_IDS, WHOLE_OP):
-        def whole(T=T, gated=gated, bias=bias, act=act, paired=paired):
-            p = _problem(T, 48, 128, 32, gated, bias, torch.float32, "per_token", seed=T)
+    whole_cases = [(*c, dt) for c in WHOLE_OP for dt in ("fp32", "fp16")]
+    for name, (T, gated, bias, act, paired, dt) in zip(WHOLE_OP_IDS, whole_cases):
+        def whole(T=T, gated=gated, bias=bias, act=act, paired=paired, dt=dt):
+            p = _problem(T, 48, 128, 32, gated, bias, DTYPES[dt], "per_token", seed=T)
             if paired:
                 p["w_gate"], p["w_up"] = torch.stack([p["w_gate"], p["w_up"]])
             y = tk.sparse_ffn(p["x"], p["mask"], p["w_gate"], p["w_up"], p["w_down_t"],
@@ -148,7 +152,6 @@ def _run_aot():
 
     import lte_convert.plugins.triton_kernels as tk
 
-    ptxas = shutil.which("ptxas")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in AOT_IDS:
@@ -168,7 +171,8 @@ def _run_aot():
                              "global_scratch": getattr(md, "global_scratch_size", 0),
                              "profile_scratch": getattr(md, "profile_scratch_size", 0),
                              "entry": f".entry {md.name}(" in ptx, "ptxas": None}
-                    if ptxas and T == 1:
+                    if T == 1:
+                        ptxas = bundled_ptxas(arch)
                         path = Path(tmp) / f"{name}-{T}.ptx"
                         path.write_text(ptx)
                         gpu = "sm_90a" if arch == 90 else "sm_80"
@@ -180,6 +184,16 @@ def _run_aot():
             except Exception:
                 res["error"] = traceback.format_exc()
     return out
+
+
+def bundled_ptxas(arch: int) -> str:
+    """The ptxas Triton ships for `arch` (what its own compiler assembles with)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    path = get_ptxas(arch).path
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"Triton's bundled ptxas for sm_{arch} is missing ({path!r})")
+    return path
 
 
 REAL_SHAPES = {"llama2-7b": (4096, 11008, 32), "smollm2": (576, 1536, 32)}
@@ -265,7 +279,7 @@ def test_up_and_down_match_reference(interpreted, case_id):
 def test_whole_op_dispatch_matches_reference(interpreted, name):
     r = interpreted[f"whole-{name}"]
     assert "error" not in r, r.get("error")
-    assert r["rel"] <= 1e-5, r
+    assert r["rel"] <= TOL[name.rsplit("-", 1)[1]], r
 
 
 @pytest.mark.parametrize("name", AOT_IDS)
@@ -276,7 +290,7 @@ def test_aot_compile_fits_plugin_rules(aot, name):
         assert c["entry"], c
         assert c["shared"] < 48 * 1024, c
         assert c["global_scratch"] == 0 and c["profile_scratch"] == 0, c
-        assert c["ptxas"] in (True, None), c
+        assert c["ptxas"] is True or c["T"] != 1, c
 
 
 def test_one_token_down_walks_active_experts_when_the_expert_size_allows():
