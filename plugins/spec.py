@@ -27,8 +27,12 @@ b_gate slots and sets `gated=0`; the kernel then never reads them. Biases are al
 inputs: an FFN without biases gets zero vectors (F or d elements, negligible next to the
 weights).
 
-Numerics: every implementation accumulates in fp32; h is rounded to the model dtype
-between up and down (as a dense Hugging Face MLP does), y is returned in the model dtype.
+Numerics, one rule for every implementation (reference, CPU, Triton at every token count,
+ONNX function bodies, TensorRT plugins): gate, up and the down product accumulate in fp32
+and are never rounded to the model dtype; biases are added in fp32; h is rounded to the model
+dtype once, between up and down (as a dense Hugging Face MLP stores it), and y once, at the
+end. Two implementations then differ only by fp32 summation order: in fp16/bf16, h within one
+rounding of the reference (tests/plugins).
 """
 from __future__ import annotations
 

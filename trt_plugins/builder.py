@@ -3,7 +3,9 @@
     model.onnx ─► prepare_onnx: find the LTE nodes, check their dtype, Cast(mask -> INT32)
                ─► OnnxParser (plugins registered by importing trt_plugins.plugin)
                ─► strongly typed network: precision = the ONNX file's types
-               ─► one optimisation profile over the named dynamic dims (batch, seq, ...)
+               ─► two optimisation profiles over the named dynamic dims (batch, seq, ...):
+                  "decode" (seq = 1, a non-empty cache) and "prefill" (the seq range, an
+                  empty cache at opt); a file without a cache gets "prefill" only
                ─► build_serialized_network ─► model.plan, written atomically
 
 The ONNX side (prepare_onnx, profile_shapes) is plain `onnx` and runs anywhere; only
@@ -179,6 +181,29 @@ def profile_shapes(model: onnx.ModelProto, dims: dict | None = None) -> dict:
     return shapes
 
 
+def optimization_profiles(model: onnx.ModelProto, dims: dict | None = None) -> dict:
+    """profile name -> profile_shapes(...) for each optimisation profile of the engine.
+
+    "decode": one new token (seq = 1:1:1) on a cache of past_seq = max(1, min):opt:max, so
+    TensorRT times the lte plugins' tactics at T = batch_opt tokens — the one-token configs
+    of plugins.triton_kernels.launch_config (GEMV up, compacting down).
+    "prefill": the seq range with past_seq at its min for opt (an empty cache, a prompt of
+    seq_opt tokens): the tl.dot configs for blocks of tokens. Both cover the whole past_seq
+    range; a file without past_seq (no KV cache) gets "prefill" only. The runner picks the
+    first profile whose ranges hold the call's shapes (trt_plugins/runner.py).
+    """
+    ranges = {**DEFAULT_DIMS, **(dims or {})}
+    names = {d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim}
+    profiles = {}
+    if "past_seq" in names and "seq" in names:
+        lo, opt, hi = ranges["past_seq"]
+        profiles["decode"] = profile_shapes(
+            model, {**ranges, "seq": (1, 1, 1), "past_seq": (max(1, lo), max(1, opt), max(1, hi))})
+        ranges = {**ranges, "past_seq": (lo, lo, hi)}
+    profiles["prefill"] = profile_shapes(model, ranges)
+    return profiles
+
+
 # ---------------------------------------------------------------------------------------------
 # TensorRT side
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +252,7 @@ def build_engine(onnx_path, engine_path, *, dims: dict | None = None, allow_dens
         raise UserError(f"{engine_path} already exists; pass --overwrite to replace it.")
     model = onnx.load(str(onnx_path), load_external_data=False)
     prepared = prepare_onnx(model, allow_dense=allow_dense)
-    shapes = profile_shapes(model, dims)
+    profiles = optimization_profiles(model, dims)
 
     trt = import_tensorrt()
     if prepared.n_lte_nodes:
@@ -257,12 +282,13 @@ def build_engine(onnx_path, engine_path, *, dims: dict | None = None, allow_dens
             "every expert). Use TensorRT >= 10.9, whose parser maps nodes with "
             "plugin_namespace='lte' to the registered plugins.")
 
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        profile.set_shape(name, *shapes[name])
     config = builder.create_builder_config()
-    config.add_optimization_profile(profile)
+    for shapes in profiles.values():                 # profile index = order of `profiles`
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            name = network.get_input(i).name
+            profile.set_shape(name, *shapes[name])
+        config.add_optimization_profile(profile)
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     plan = builder.build_serialized_network(network, config)
@@ -272,4 +298,5 @@ def build_engine(onnx_path, engine_path, *, dims: dict | None = None, allow_dens
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(plan))
     return {"lte_nodes": prepared.n_lte_nodes, "dtypes": sorted(prepared.dtypes),
-            "shapes": shapes, "bytes": engine_path.stat().st_size}
+            "profiles": profiles, "shapes": profiles["prefill"],
+            "bytes": engine_path.stat().st_size}

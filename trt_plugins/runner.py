@@ -71,19 +71,31 @@ class EngineRunner:
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.active_profile = 0
 
-    def profile(self) -> dict:
-        """input name -> (min, opt, max) shapes of optimisation profile 0."""
-        return {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0))
+    def profile(self, index: int = 0) -> dict:
+        """input name -> (min, opt, max) shapes of optimisation profile `index` (the builder
+        writes "decode" first when the file has a KV cache, then "prefill")."""
+        return {n: tuple(tuple(s) for s in self.engine.get_tensor_profile_shape(n, index))
                 for n in self.inputs}
 
-    def _check_shape(self, name, shape):
-        lo, _, hi = self.profile()[name]
-        if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
-            raise UserError(
-                f"Input {name} has shape {tuple(shape)}, outside the engine's profile "
-                f"(min {lo}, max {hi}). Rebuild with wider ranges, e.g. "
-                "`lte-convert build model.onnx --engine model.plan --batch 1:1:8 --seq 1:64:1024`.")
+    def _pick_profile(self, shapes: dict) -> int:
+        """The first optimisation profile whose ranges hold every input shape."""
+        def holds(prof):
+            return all(len(shapes[n]) == len(prof[n][0]) and all(
+                a <= s <= b for s, a, b in zip(shapes[n], prof[n][0], prof[n][2]))
+                for n in self.inputs)
+        profiles = [self.profile(i) for i in range(self.engine.num_optimization_profiles)]
+        for i, prof in enumerate(profiles):
+            if holds(prof):
+                return i
+        raise UserError(
+            "Input shapes " + ", ".join(f"{n} {tuple(shapes[n])}" for n in self.inputs)
+            + " fit none of the engine's profiles ("
+            + "; ".join(", ".join(f"{n} min {p[n][0]} max {p[n][2]}" for n in self.inputs)
+                        for p in profiles)
+            + "). Rebuild with wider ranges, e.g. `lte-convert build model.onnx --engine "
+            "model.plan --batch 1:1:8 --seq 1:64:1024`.")
 
     def run(self, feeds: dict) -> dict:
         """numpy inputs by name -> numpy outputs by name (one synchronous execution)."""
@@ -96,10 +108,14 @@ class EngineRunner:
         # empty tensors (an empty KV cache) still get a valid address
         spare = torch.empty(256, dtype=torch.uint8, device=dev)
         address = lambda t: t.data_ptr() if t.numel() else spare.data_ptr()  # noqa: E731
+        stream = torch.cuda.current_stream()
+        index = self._pick_profile({n: np.shape(feeds[n]) for n in self.inputs})
+        if index != self.active_profile:
+            self.context.set_optimization_profile_async(index, stream.cuda_stream)
+            self.active_profile = index
         keep = {}
         for n in self.inputs:
             a = np.asarray(feeds[n])
-            self._check_shape(n, a.shape)
             keep[n] = _to_torch(a, _torch_dtype(self.trt, self.engine.get_tensor_dtype(n)), dev)
             self.context.set_input_shape(n, tuple(a.shape))
             self.context.set_tensor_address(n, address(keep[n]))
@@ -109,7 +125,6 @@ class EngineRunner:
             outs[n] = torch.empty(shape, device=dev,
                                   dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(n)))
             self.context.set_tensor_address(n, address(outs[n]))
-        stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise UserError(f"TensorRT failed to run the engine: {'; '.join(self.logger.errors)}")
         stream.synchronize()

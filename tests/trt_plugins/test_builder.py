@@ -91,6 +91,20 @@ def test_profile_from_dim_names_with_defaults_and_overrides():
     assert shapes["attention_mask"] == ((2, 1), (2, 65), (2, 513))
 
 
+def test_decode_and_prefill_profiles():
+    """A file with a KV cache gets a decode profile (one token, non-empty cache) and a prefill
+    profile (the seq range, empty cache at opt); without past_seq only prefill."""
+    model = lte_graph()
+    model.graph.input[1].type.tensor_type.shape.dim[1].dim_param = "past_seq"  # mask: past
+    profiles = builder.optimization_profiles(model)
+    assert list(profiles) == ["decode", "prefill"]
+    assert profiles["decode"]["x"] == ((1, 1, D), (1, 1, D), (4, 1, D))
+    assert profiles["decode"]["attention_mask"] == ((1, 1), (1, 64), (4, 512))
+    assert profiles["prefill"]["x"] == ((1, 1, D), (1, 64, D), (4, 512, D))
+    assert profiles["prefill"]["attention_mask"] == ((1, 0), (1, 0), (4, 512))
+    assert list(builder.optimization_profiles(lte_graph())) == ["prefill"]
+
+
 def test_unknown_dynamic_dim_names_the_input_and_the_option():
     model = lte_graph()
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "s0"
@@ -156,3 +170,8 @@ def test_prepare_and_profile_a_real_export(tmp_path):
     shapes = builder.profile_shapes(proto)
     assert set(shapes) == {i.name for i in proto.graph.input}
     assert shapes["attention_mask"] == ((1, 1), (1, 128), (4, 1024))
+    profiles = builder.optimization_profiles(proto)
+    assert list(profiles) == ["decode", "prefill"]
+    assert profiles["decode"]["input_ids"] == ((1, 1), (1, 1), (4, 1))
+    assert profiles["decode"]["attention_mask"] == ((1, 2), (1, 65), (4, 513))
+    assert profiles["prefill"]["attention_mask"] == ((1, 1), (1, 64), (4, 1024))
