@@ -247,7 +247,8 @@ def _outside(a, b, tol) -> np.ndarray:
 def compare_forced(ref: dict, test: dict, tol: dict, layers: list[int], num_layers: int) -> dict:
     """One step of the mask-forced comparison: `ref` computed the experts `test` chose, so
     every output (logits, present.*) is held to atol/rtol. Where something is outside, the
-    first divergence in graph order (each layer's cache, then its FFN output) says where."""
+    first divergence in graph order (each layer's cache, then its FFN output; each held to
+    atol scaled to its magnitude relative to the logits) says where."""
     a, b = np.asarray(test["logits"], np.float64), np.asarray(ref["logits"], np.float64)
     n, seq = b.shape[:2]
     diff = np.abs(a - b)
@@ -255,14 +256,23 @@ def compare_forced(ref: dict, test: dict, tol: dict, layers: list[int], num_laye
     outputs = {k: int(_outside(test[k], ref[k], tol).sum()) for k in ref if k.startswith("present.")}
     ffn_t, ffn_r = _probes(test, FFN_PREFIX), _probes(ref, FFN_PREFIX)
     ffn = [int(_outside(x, y, tol).sum()) for x, y in zip(ffn_t, ffn_r)]
+
+    def scaled(x, y):
+        """Outside at atol scaled to this tensor's magnitude (hidden states and caches are
+        not logit-sized): where an error starts, even if it is small there."""
+        s = float(np.abs(y).max()) / max(float(np.abs(b).max()), 1e-30)
+        return bool(_outside(x, y, dict(tol, atol=tol["atol"] * s)).any())
+
     order = []
     for i in range(num_layers):
-        order += [(f"layer {i} cache (present.{i}.{k})", outputs.get(f"present.{i}.{k}", 0))
-                  for k in ("key", "value")]
+        order += [(f"layer {i} cache (present.{i}.{k})", f"present.{i}.{k}")
+                  for k in ("key", "value") if f"present.{i}.{k}" in ref]
         if i in layers:
-            k = layers.index(i)
-            order.append((f"layer {i} FFN output (lte node pair {k})", ffn[k] if ffn else 0))
-    first = next((name for name, c in order if c), None)
+            order.append((f"layer {i} FFN output (lte node pair {layers.index(i)})",
+                          layers.index(i)))
+    probes = {key: (test[key], ref[key]) if isinstance(key, str) else (ffn_t[key], ffn_r[key])
+              for _, key in order if not isinstance(key, int) or key < len(ffn_t)}
+    first = next((name for name, key in order if key in probes and scaled(*probes[key])), None)
     return {
         "tokens": n * seq,
         "max_abs": float(diff.max()),
