@@ -40,7 +40,7 @@ def _pair_model(activation, gated, dtype):
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("activation", spec.ACTIVATIONS)
 def test_body_matches_reference(activation, gated, dtype):
-    g = torch.Generator().manual_seed(hash((activation, gated)) % 1000)
+    g = torch.Generator().manual_seed(2 * spec.ACTIVATIONS.index(activation) + gated)
     r = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(dtype)
     x, mask = r(2, 3, D), torch.rand(2, 3, E, generator=g) > 0.5
     w_gate, w_up, w_down_t = r(F, D), r(F, D), r(F, D)
@@ -53,7 +53,9 @@ def test_body_matches_reference(activation, gated, dtype):
     h, y = sess.run(["h", "y"], feed)
     h_ref = sparse_ffn_up_reference(x, mask, w_gate, w_up, b_gate, b_up, S, activation, gated)
     y_ref = sparse_ffn_down_reference(h_ref, mask, w_down_t, b_down, S)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    # one numerics rule (spec.py): fp32 math, h rounded once on each side -> within one
+    # rounding (2u relative) in fp16; fp32 differs by summation order only
+    tol = 1e-5 if dtype == torch.float32 else 2 * 2.0 ** -11
     np.testing.assert_allclose(h.astype(np.float32), h_ref.float().numpy(), atol=tol, rtol=tol)
     np.testing.assert_allclose(y.astype(np.float32), y_ref.float().numpy(), atol=tol * 10, rtol=tol)
     assert (h.reshape(2, 3, E, S)[~mask.numpy()] == 0).all()
@@ -61,10 +63,12 @@ def test_body_matches_reference(activation, gated, dtype):
 
 def test_activations_are_distinguished():
     """A body that ignored `activation` would give the same h for every activation."""
-    x = torch.randn(1, 2, D)
-    feed = dict(x=x, mask=torch.ones(1, 2, E, dtype=torch.bool), w_gate=torch.randn(F, D),
-                w_up=torch.randn(F, D), b_gate=torch.zeros(F), b_up=torch.zeros(F),
-                w_down_t=torch.randn(F, D), b_down=torch.zeros(D))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, D, generator=g)
+    feed = dict(x=x, mask=torch.ones(1, 2, E, dtype=torch.bool),
+                w_gate=torch.randn(F, D, generator=g), w_up=torch.randn(F, D, generator=g),
+                b_gate=torch.zeros(F), b_up=torch.zeros(F),
+                w_down_t=torch.randn(F, D, generator=g), b_down=torch.zeros(D))
     feed = {k: v.numpy() for k, v in feed.items()}
     hs = [_pair_model(a, True, torch.float32).run(["h"], feed)[0] for a in spec.ACTIVATIONS]
     for i in range(len(hs)):
