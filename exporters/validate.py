@@ -21,8 +21,9 @@
    rate must stay under max_flip_rate.
 3. Free-running comparison (each side routes on its own): top-1 agreement (per step in the
    table; all tokens together held to min_top1, since a decode step has only n tokens) and
-   the mean KL(ref ‖ backend) of each step, held to max_kl. A backend that returns no masks (a TensorRT
-   engine) is judged by this alone; the report's note says what that does and does not prove.
+   the mean KL(ref ‖ backend) of each step, held to max_kl. A backend that returns no masks
+   (a TensorRT engine) is judged by this alone; the report's note says what that does and
+   does not prove.
 
 Defaults are per compute dtype (DEFAULT_TOLERANCES; derivation in docs/exporters.md). A
 bfloat16 file runs in ONNX Runtime as a float32 upcast copy (no bf16 CPU kernels) and PyTorch
@@ -253,7 +254,8 @@ def compare_forced(ref: dict, test: dict, tol: dict, layers: list[int], num_laye
     n, seq = b.shape[:2]
     diff = np.abs(a - b)
     bad = _outside(a, b, tol)
-    outputs = {k: int(_outside(test[k], ref[k], tol).sum()) for k in ref if k.startswith("present.")}
+    outputs = {k: int(_outside(test[k], ref[k], tol).sum())
+               for k in ref if k.startswith("present.")}
     ffn_t, ffn_r = _probes(test, FFN_PREFIX), _probes(ref, FFN_PREFIX)
     ffn = [int(_outside(x, y, tol).sum()) for x, y in zip(ffn_t, ffn_r)]
 

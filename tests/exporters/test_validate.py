@@ -181,7 +181,8 @@ def test_compare_forced_points_at_the_first_divergence():
            np.zeros(3), "present.1.key": np.zeros(3), "present.1.value": np.zeros(3),
            "lte_ffn.0": np.zeros((1, 2, 4)), "lte_ffn.1": np.zeros((1, 2, 4))}
     test = {k: v.copy() for k, v in ref.items()}
-    assert judge({"prefill": compare_forced(ref, test, tol, [0, 1], 2)}, None, {}, tol, 0, [0, 1]) == []
+    good = compare_forced(ref, test, tol, [0, 1], 2)
+    assert judge({"prefill": good}, None, {}, tol, 0, [0, 1]) == []
     test["lte_ffn.1"][0, 1, 0] = 1.0                   # layer 1's FFN is wrong ...
     test["logits"][0, 1] = 1.0                         # ... and so are the logits after it
     s = compare_forced(ref, test, tol, [0, 1], 2)

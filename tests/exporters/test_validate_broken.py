@@ -103,8 +103,8 @@ def router_bias_shifted(m):
     while not any(x.endswith("router.bias") for x in add.input):
         add = producer[add.input[0]]
     slot, name = next((i, x) for i, x in enumerate(add.input) if x.endswith("router.bias"))
-    _replace_input(m, add, slot, _initializer(m, name) + np.asarray(1.5, _initializer(m, name).dtype),
-                   "broken_router_bias")
+    bias = _initializer(m, name)
+    _replace_input(m, add, slot, bias + np.asarray(1.5, bias.dtype), "broken_router_bias")
 
 
 def decode_position_off_by_one(m):
@@ -130,7 +130,8 @@ MUTATIONS = {
     expert_rows_permuted: ("prefill (mask-forced)",
                            f"first divergence: layer {LAYER} FFN output"),
     lm_head_scaled: ("prefill (mask-forced)", "the error is after the last layer"),
-    presents_swapped: ("prefill (mask-forced)", "first divergence: layer 0 cache (present.0.value)"),
+    presents_swapped: ("prefill (mask-forced)",
+                       "first divergence: layer 0 cache (present.0.value)"),
     router_bias_shifted: ("prefill", f"layer {LAYER} (lte node pair {LAYER}) flipped"),
     decode_position_off_by_one: ("decode 1 (mask-forced)",
                                  "first divergence: layer 0 cache (present.0.key)"),
