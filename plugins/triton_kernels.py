@@ -304,8 +304,8 @@ def act_mul_mask_kernel(gate_ptr, up_ptr, mask_ptr,
     """h[t, f] = act(gate[t, f])·up[t, f]·mask[t, f // s] (PyTorch prefill path only).
 
     gate and up are fp32 [T, F] (unrounded GEMM outputs) with row stride LD (F, or 2F for
-    the column halves of one
-    [T, 2F] GEMM output); h is [T, F] contiguous. Grid: (T, cdiv(F, BLOCK)).
+    the column halves of one [T, 2F] GEMM output); h is [T, F] contiguous in the model dtype.
+    Grid: (T, cdiv(F, BLOCK)).
     """
     t = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
