@@ -130,7 +130,7 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
 
     # torch.onnx logs a warning per torchvision op it cannot register; they are noise here
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), symbolic.onnx_schemas():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, (), kwargs=kwargs, dynamo=True, dynamic_shapes=shapes,

@@ -17,9 +17,13 @@ W_up/b_up again in the gate slots with gated=0, and an absent bias becomes a zer
 input list (what a TensorRT plugin needs). The nodes carry the spec's attributes plus
 plugin_namespace="lte" (how TensorRT's ONNX parser finds the plugin). Their model-local
 function bodies are attached after export (exporters/functions.py). The exporter needs an
-ONNX schema for each custom op (register_schemas) to accept the nodes.
+ONNX schema for each custom op to accept the nodes: `with onnx_schemas():` registers them for
+the export only (registered for good, they would make the ONNX checker reject attributes the
+schema does not list, such as the `aot` flag trt_plugins adds).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -35,14 +39,17 @@ _LTE = onnxscript.values.Opset(spec.NAMESPACE, spec.OP_VERSION)
 _ATTR_TYPES = {int: OpSchema.AttrType.INT, str: OpSchema.AttrType.STRING}
 
 
-def register_schemas() -> None:
-    """ONNX schemas of lte::SparseFFNUp / SparseFFNDown (once per process)."""
+@contextmanager
+def onnx_schemas():
+    """ONNX schemas of lte::SparseFFNUp / SparseFFNDown while the block runs."""
     param = OpSchema.FormalParameter
+    added = []
     for name, inputs, outputs, attrs in (
             (spec.OP_UP, spec.UP_INPUTS, spec.UP_OUTPUTS, spec.UP_ATTRS),
             (spec.OP_DOWN, spec.DOWN_INPUTS, spec.DOWN_OUTPUTS, spec.DOWN_ATTRS)):
         if onnx.defs.has(name, spec.NAMESPACE):
             continue
+        added.append(name)
         onnx.defs.register_schema(OpSchema(
             name, spec.NAMESPACE, spec.OP_VERSION,
             inputs=[param(n, "M" if n == "mask" else "T") for n in inputs],
@@ -51,6 +58,11 @@ def register_schemas() -> None:
                                "model dtype"), ("M", ["tensor(bool)"], "expert mask")],
             attributes=[OpSchema.Attribute(a, _ATTR_TYPES[t], "") for a, t in attrs.items()]
             + [OpSchema.Attribute(spec.PLUGIN_NAMESPACE_ATTR, OpSchema.AttrType.STRING, "")]))
+    try:
+        yield
+    finally:
+        for name in added:
+            onnx.defs.deregister_schema(name, spec.OP_VERSION, spec.NAMESPACE)
 
 
 def _zeros(like, axis: int, x):
@@ -78,6 +90,6 @@ def sparse_ffn_to_onnx(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, ex
 
 
 def translation_table() -> dict:
-    """`custom_translation_table` for torch.onnx.export(dynamo=True)."""
-    register_schemas()
+    """`custom_translation_table` for torch.onnx.export(dynamo=True), used inside
+    `with onnx_schemas():`."""
     return {torch.ops.lte.sparse_ffn.default: sparse_ffn_to_onnx}

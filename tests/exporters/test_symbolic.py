@@ -1,11 +1,12 @@
 """torch.ops.lte.sparse_ffn through torch.export and the ONNX translation table: the op stays
 one op in a torch.export program (which computes what eager does), and the ONNX exporter turns
 it into the node pair with the inputs and attributes plugins/spec.py defines."""
+import onnx
 import pytest
 import torch
 from onnx import numpy_helper
 
-from lte_convert.exporters.symbolic import translation_table
+from lte_convert.exporters.symbolic import onnx_schemas, translation_table
 from lte_convert.plugins import ops, spec
 
 D, F, S = 8, 16, 4
@@ -29,9 +30,11 @@ class _FFN(torch.nn.Module):
 
 
 def _export(module):
-    prog = torch.onnx.export(module, (torch.randn(2, 3, D),), dynamo=True, verbose=False,
-                             dynamic_shapes=({0: "batch", 1: "seq"},),
-                             custom_translation_table=translation_table())
+    with onnx_schemas():
+        prog = torch.onnx.export(module, (torch.randn(2, 3, D),), dynamo=True, verbose=False,
+                                 dynamic_shapes=({0: "batch", 1: "seq"},),
+                                 custom_translation_table=translation_table())
+    assert not onnx.defs.has(spec.OP_UP, spec.NAMESPACE)      # registered for the export only
     return prog.model_proto
 
 
