@@ -46,7 +46,7 @@ def test_end_to_end_on_glassllm_hits_sparsity_and_reloads(tmp_path):
     out = train_lte(glassllm_model_dir(), train, tmp_path / "lte", 0.5, heldout=heldout,
                     config=_cfg())
     info = json.loads((out / "lte.json").read_text())
-    assert info["folded"] and abs(info["sparsity"] - 0.5) <= 0.002
+    assert info["folded"] and abs(info["sparsity"] - 0.5) <= 0.005       # per-layer tol
     assert len(info["layer_sparsity"]) == 4 and info["task"] == "clm"
     assert not (tmp_path / "lte.lte-work").exists()           # checkpoints cleaned up
     model, _ = load_lte_model(out)
