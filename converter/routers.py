@@ -18,7 +18,7 @@ experts whose energy is above the layer's S-quantile of all (token, expert) ener
 variable number per token, the same average as "S of the experts off".
 
 Router fit.  Each router z = x·W_rᵀ + b_r is fitted by binary cross-entropy to the oracle's
-on/off labels on the calibration tokens (full batch, Adam), from its mean-row start
+on/off labels on the calibration tokens (Adam on mini-batches), from its mean-row start
 (converter/surgery.py), then its bias is shifted so that exactly S of the (token, expert)
 pairs are off on those tokens. `recall` is the fraction of the oracle's "on" pairs the fitted
 router keeps on.
@@ -96,7 +96,7 @@ def _quantile(v: torch.Tensor, q: float) -> float:
 # ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def coactivation_permutation(ffn: LTEFFN, x: torch.Tensor, seed: int = 0,
-                             max_tokens: int = 4096) -> torch.Tensor:
+                             max_tokens: int = 2048) -> torch.Tensor:
     """Neuron order [F] (indices into ffn's current order) grouping neurons by |h| profile."""
     w = next(ffn.parameters())
     h = ffn._hidden(x[:max_tokens].to(w.device, w.dtype)).float().abs()    # [T, F]
@@ -113,32 +113,45 @@ class RouterFit:
     loss: float             # final BCE
 
 
-def fit_router(ffn: LTEFFN, x: torch.Tensor, sparsity: float, steps: int = 200,
-               lr: float = 1e-2) -> RouterFit:
-    """Fit ffn.router to the oracle's labels on x (module doc); in place."""
-    target = oracle_mask(expert_energy(ffn, x), sparsity).float()     # [T, E]
-    r = ffn.router
-    xx = x.to(r.weight.device, r.weight.dtype)
-    weight = r.weight.detach().float().clone().requires_grad_(True)
-    bias = r.bias.detach().float().clone().requires_grad_(True)
+def fit_routers(lte: list[LTEFFN], xs: list[torch.Tensor], sparsity: float, steps: int = 400,
+                batch: int = 512, lr: float = 1e-2, seed: int = 0) -> list[RouterFit]:
+    """Fit every layer's router to its oracle labels on xs (module doc); in place.
+
+    All layers train as one batched problem (one bmm per step): Adam on random mini-batches of
+    `batch` tokens per layer (as good as full-batch steps on held-out recall, measured, and a
+    fraction of the cost), then each bias is shifted to the layer's sparsity on its tokens.
+    """
+    r0 = lte[0].router
+    targets = torch.stack([oracle_mask(expert_energy(m, x), sparsity).float()
+                           for m, x in zip(lte, xs)])                      # [L, T, E]
+    x = torch.stack([x.float() for x in xs])                               # [L, T, d]
+    weight = torch.stack([m.router.weight.detach().float().cpu() for m in lte])
+    bias = torch.stack([m.router.bias.detach().float().cpu() for m in lte])[:, None]
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     opt = torch.optim.Adam([weight, bias], lr=lr)
-    xf = xx.float()
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.arange(len(lte))[:, None]
     with torch.enable_grad():
         for _ in range(steps):
+            i = torch.randint(x.shape[1], (len(lte), batch), generator=gen)
+            z = torch.bmm(x[rows, i], weight.transpose(1, 2)) + bias           # [L, B, E]
+            loss = F.binary_cross_entropy_with_logits(z, targets[rows, i])
             opt.zero_grad(set_to_none=True)
-            loss = F.binary_cross_entropy_with_logits(F.linear(xf, weight, bias), target)
-            loss.backward()
+            (loss * len(lte)).backward()                  # each layer's own mean BCE
             opt.step()
+    fits = []
     with torch.no_grad():
-        z = F.linear(xf, weight, bias)
-        shift = _quantile(z - ffn_threshold(ffn), sparsity)
-        bias -= shift
-        z = z - shift - ffn_threshold(ffn)
-        on = z > 0
-        recall = float((on & target.bool()).sum() / target.sum().clamp_min(1))
-        r.weight.copy_(weight)
-        r.bias.copy_(bias)
-    return RouterFit(recall=recall, sparsity=float((~on).float().mean()), loss=float(loss.detach()))
+        z = torch.bmm(x, weight.transpose(1, 2)) + bias                        # [L, T, E]
+        for m, zl, bl, wl, tl in zip(lte, z, bias[:, 0], weight, targets):
+            shift = _quantile(zl - ffn_threshold(m), sparsity)
+            on = zl - shift - ffn_threshold(m) > 0
+            m.router.weight.copy_(wl.to(r0.weight.device, r0.weight.dtype))
+            m.router.bias.copy_((bl - shift).to(r0.bias.device, r0.bias.dtype))
+            loss = F.binary_cross_entropy_with_logits(zl, tl)
+            fits.append(RouterFit(recall=float((on & tl.bool()).sum() / tl.sum().clamp_min(1)),
+                                  sparsity=float((~on).float().mean()), loss=float(loss)))
+    return fits
 
 
 def ffn_threshold(ffn: LTEFFN) -> float:
@@ -193,7 +206,7 @@ def allocate(costs: list[list[float]], sparsity: float, levels=LEVELS,
 
     Each layer's cost curve runs through (0, 0) and (levels[k], costs[l][k]), made
     non-decreasing, linear between points and extrapolated past the last level with the last
-    segment's slope. Ties go to the earlier layer.
+    segment's slope. Ties go to the layer with the lower target, then the earlier one.
     """
     xs = (0.0, *levels)
     curves = []
@@ -213,7 +226,7 @@ def allocate(costs: list[list[float]], sparsity: float, levels=LEVELS,
     n = len(costs)
     targets = [0.0] * n
     for _ in range(round(sparsity * n / step)):
-        best = min((cost(l, targets[l] + step) - cost(l, targets[l]), l)
+        best = min((round(cost(l, targets[l] + step) - cost(l, targets[l]), 12), targets[l], l)
                    for l in range(n) if targets[l] + step <= max_layer + 1e-9)
-        targets[best[1]] = round(targets[best[1]] + step, 10)
+        targets[best[2]] = round(targets[best[2]] + step, 10)
     return targets

@@ -86,7 +86,7 @@ class TrainConfig:
     calibration: str = "layers"         # layers (per-layer targets) | global (one shift)
     distill: float = 0.0                # weight of KL(original ‖ model) in the task loss
     fit_tokens: int = 8192              # calibration tokens for grouping and the router fit
-    fit_steps: int = 200
+    fit_steps: int = 400
     sensitivity_blocks: int = 4
     stage1_steps: int = 0               # the paper's soft stage (results/quality.md ablation)
     stage2_steps: int = 75
@@ -481,27 +481,32 @@ def _start(model, lte, blocks, calib, cfg: TrainConfig, sparsity: float, targets
            seed: int) -> dict:
     """Group, fit and allocate (converter/routers.py); returns what the start decided."""
     from lte_convert.converter.routers import (allocate, coactivation_permutation, ffn_inputs,
-                                               fit_router, sensitivity, set_layer_sparsity)
+                                               fit_routers, sensitivity, set_layer_sparsity)
     from lte_convert.converter.surgery import regroup
 
     t0 = time.perf_counter()
+
+    def took():
+        return f" ({time.perf_counter() - t0:.0f} s)"
+
     fit_blocks = spread(blocks.train, max(1, cfg.fit_tokens // blocks.block_size))
     progress(f"start: reading FFN inputs on {len(fit_blocks)} blocks")
     xs = ffn_inputs(model, lte, fit_blocks, max_tokens=cfg.fit_tokens)
     if cfg.grouping == "coactivation":
-        progress(f"start: grouping {len(lte)} layers by co-activation")
+        progress(f"start: grouping {len(lte)} layers by co-activation" + took())
         for i, (m, x) in enumerate(zip(lte, xs)):
             regroup(m, coactivation_permutation(m, x, seed=seed + i))
     fits = []
     if cfg.router_init == "fit":
-        progress(f"start: fitting {len(lte)} routers to their experts' energies")
-        fits = [fit_router(m, x, sparsity, steps=cfg.fit_steps) for m, x in zip(lte, xs)]
+        progress(f"start: fitting {len(lte)} routers to their experts' energies" + took())
+        fits = fit_routers(lte, xs, sparsity, steps=cfg.fit_steps, seed=seed)
     costs = None
     if targets_given is not None:
         targets = list(targets_given)
     elif cfg.allocation == "sensitivity":
         sens = spread(blocks.train, cfg.sensitivity_blocks)
-        progress(f"start: measuring {len(lte)} layers' sensitivity on {len(sens)} blocks")
+        progress(f"start: measuring {len(lte)} layers' sensitivity on {len(sens)} blocks"
+                 + took())
         costs = sensitivity(model, lte, xs, sens)
         targets = allocate(costs, sparsity)
     else:
@@ -510,6 +515,7 @@ def _start(model, lte, blocks, calib, cfg: TrainConfig, sparsity: float, targets
         set_layer_sparsity(m, x, t)
     for m in lte:
         m.set_mode("hard")
+    progress("start: calibrating every layer to its target" + took())
     cal = calibrate_layers(model, calib, targets)
     return {"targets": targets, "grouping": cfg.grouping, "router_init": cfg.router_init,
             "allocation": "given" if targets_given is not None else cfg.allocation,
