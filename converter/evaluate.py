@@ -100,7 +100,7 @@ def measure(model, blocks: torch.Tensor, *, batch_size: int = 8, task: str = "cl
                 ids, labels = _mlm_inputs(ids, tokenizer, gen)
                 logits = model(input_ids=ids.to(device)).logits.float()
             else:
-                logits = model(input_ids=ids.to(device)).logits[:, :-1].float()
+                logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1].float()
                 labels = ids[:, 1:]
             labels = labels.to(device)
             keep = labels != -100
