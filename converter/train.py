@@ -87,7 +87,7 @@ class TrainConfig:
     distill: float = 0.0                # weight of KL(original ‖ model) in the task loss
     fit_tokens: int = 8192              # calibration tokens for grouping and the router fit
     fit_steps: int = 400
-    sensitivity_blocks: int = 2
+    sensitivity_blocks: int = 4
     stage1_steps: int = 0               # the paper's soft stage (results/quality.md ablation)
     stage2_steps: int = 75
     lr: float = 1e-4                    # model weights (results/quality.md: 5e-5 gave 68.9)

@@ -53,6 +53,7 @@ ABLATIONS = {                                  # name: what replaces the default
     "distill 0.5": {"distill": 0.5},
     "paper stage 1": {"stage1_steps": 25, "stage2_steps": 50},
     "experts of 16": {"expert_size": 16},
+    "sensitivity on 2 blocks": {"sensitivity_blocks": 2},
 }
 
 
