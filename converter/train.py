@@ -290,11 +290,13 @@ class LTETrainer(Trainer):
         held = [m for m in self.lte if m.hold_target is not None]
         if not held or not held[0].margins:
             return
-        shifts = torch.tensor([target_shift(torch.cat(m.margins), m.hold_target)
-                               for m in held])
-        shifts = _all_reduce_mean(shifts.to(self.args.device)).cpu()
-        for m, shift in zip(held, shifts.tolist()):
-            m.router.bias += shift
+        margins = [torch.cat(m.margins).cpu() for m in held]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, margins)
+            margins = [torch.cat(parts) for parts in zip(*every)]
+        for m, margin in zip(held, margins):
+            m.router.bias += target_shift(margin, m.hold_target)
             m.margins = []
 
     def check_gradients(self):

@@ -150,4 +150,4 @@ def test_zero_steps_skips_a_stage(tmp_path):
     out = train_lte(glassllm_model_dir(), train, tmp_path / "z", 0.5, heldout=heldout,
                     config=_cfg(stage1_steps=0, stage2_steps=2))
     info = json.loads((out / "lte.json").read_text())
-    assert info["training"]["stage1_seconds"] == 0.0 and abs(info["sparsity"] - 0.5) <= 0.002
+    assert info["training"]["stage1_seconds"] == 0.0 and abs(info["sparsity"] - 0.5) <= 0.005
