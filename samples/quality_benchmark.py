@@ -54,6 +54,7 @@ ABLATIONS = {                                  # name: what replaces the default
     "paper stage 1": {"stage1_steps": 25, "stage2_steps": 50},
     "experts of 16": {"expert_size": 16},
     "sensitivity on 2 blocks": {"sensitivity_blocks": 2},
+    "lr 5e-5": {"lr": 5e-5},
 }
 
 
