@@ -74,7 +74,8 @@ def test_resume_without_a_run_and_eval_without_a_checkpoint(tmp_path, capsys):
     _fails(capsys, ["train", str(glassllm_model_dir()), "--out", str(tmp_path / "o"),
                     "--resume"], "nothing to resume")
     _fails(capsys, ["eval", str(tmp_path / "missing")], "does not exist")
-    _fails(capsys, ["eval", str(glassllm_model_dir())], "not an LTE checkpoint")
+    _fails(capsys, ["eval", str(glassllm_model_dir()), "--sweep", "0.5"],
+           "plain Hugging Face model")
     _fails(capsys, ["eval", str(glassllm_model_dir()), "--sweep", "0.3,x"], "--sweep")
 
 
