@@ -58,7 +58,10 @@ def _newton(margins: list[torch.Tensor], target: float) -> float:
 def calibrate(model, blocks: torch.Tensor, target: float, *, batch_size: int = 8,
               task: str = "clm", tokenizer=None, tol: float = 0.002,
               max_iter: int = 10) -> Calibration:
-    """Find δ (see module doc). The model is left unchanged (biases restored)."""
+    """Find δ (see module doc). The model is left unchanged (biases copied back)."""
+    from lte_convert.converter.surgery import lte_modules
+
+    saved = [m.router.bias.detach().clone() for _, m in lte_modules(model)]
     delta, lo, hi = 0.0, -math.inf, math.inf
     best, first, passes = None, None, 0
     try:
@@ -82,7 +85,9 @@ def calibrate(model, blocks: torch.Tensor, target: float, *, batch_size: int = 8
             shift_routers(model, step - delta)
             delta = step
     finally:
-        shift_routers(model, -delta)
+        with torch.no_grad():
+            for (_, m), b in zip(lte_modules(model), saved):
+                m.router.bias.copy_(b)
     return Calibration(offset=best[0], sparsity=best[1], layer_sparsity=best[2],
                        uncalibrated_sparsity=first, passes=passes)
 
@@ -123,3 +128,50 @@ def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 
                              "blocks": len(blocks), "block_size": block_size,
                              "method": "global bias shift"})
     return save_lte_checkpoint(model, out, keep, overwrite=True, tokenizer=tokenizer)
+
+
+@dataclass
+class LayerCalibration:
+    offsets: list[float]           # the shift added to each layer's router bias
+    sparsity: float
+    layer_sparsity: list[float]
+    passes: int
+
+
+def target_shift(margins: torch.Tensor, target: float) -> float:
+    """The shift that leaves `target` of these margins ≤ 0 (0: all on, 1: all off)."""
+    margins = margins.float().flatten()
+    if target <= 0:
+        return 1.0 - float(margins.min())
+    if target >= 1:
+        return -1.0 - float(margins.max())
+    if len(margins) > 4_000_000:
+        margins = margins[torch.randperm(len(margins), generator=torch.Generator().manual_seed(0))
+                          [:4_000_000]]
+    return -float(torch.quantile(margins, target))
+
+
+@torch.no_grad()
+def calibrate_layers(model, blocks: torch.Tensor, targets: list[float], *, batch_size: int = 8,
+                     tol: float = 0.005, max_iter: int = 4) -> LayerCalibration:
+    """Move each layer's router bias so that layer l's measured sparsity is targets[l] (in
+    place). Each pass measures with a real forward (layer l's inputs depend on the masks
+    before it) and shifts every layer by the quantile of its own margins; it stops when every
+    layer is within `tol` or after `max_iter` passes."""
+    from lte_convert.converter.surgery import lte_modules
+
+    lte = [m for _, m in lte_modules(model)]
+    assert len(targets) == len(lte), (len(targets), len(lte))
+    offsets = [0.0] * len(lte)
+    for passes in range(1, max_iter + 1):
+        m = measure(model, blocks, batch_size=batch_size, keep_margins=True, sparsity_only=True)
+        if max(abs(s - t) for s, t in zip(m.layer_sparsity, targets)) <= tol:
+            break
+        for i, (ffn, margin, t) in enumerate(zip(lte, m.margins, targets)):
+            shift = target_shift(margin, t)
+            ffn.router.bias += shift
+            offsets[i] += shift
+    else:
+        m = measure(model, blocks, batch_size=batch_size, sparsity_only=True)
+    return LayerCalibration(offsets=offsets, sparsity=m.sparsity,
+                            layer_sparsity=m.layer_sparsity, passes=passes)

@@ -17,7 +17,8 @@ _D = TrainConfig()
                    "`datasets` folder (repeat to combine). Default: Shakespeare's plays.")
 @click.option("--heldout", multiple=True, type=click.Path(path_type=Path),
               help="Held-out text for calibration (same formats). Default: the last 5% of "
-                   "--data's blocks (with no --data: four held-out plays).")
+                   "--data's blocks (with no --data: of the training plays; the four held-out "
+                   "plays are kept for evaluation).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("lte-model"),
               show_default=True, help="Folder for the folded LTE checkpoint.")
 @click.option("--sparsity", "-s", type=float, default=0.5, show_default=True,
@@ -39,6 +40,28 @@ _D = TrainConfig()
               help="Learning rate of the model weights.")
 @click.option("--router-lr", type=float, default=_D.router_lr, show_default=True,
               help="Learning rate of the routers (stage 1).")
+@click.option("--distill", type=float, default=_D.distill, show_default=True,
+              help="Weight W of distillation from the original model: the task loss is "
+                   "(1-W)*LM + W*KL(original || model). 0: LM loss only.")
+@click.option("--grouping", type=click.Choice(["coactivation", "weights"]),
+              default=_D.grouping, show_default=True,
+              help="Group neurons into experts by co-activation on the data, or by k-means on "
+                   "their weight rows.")
+@click.option("--router-init", type=click.Choice(["fit", "mean"]), default=_D.router_init,
+              show_default=True,
+              help="fit: train each router to predict its layer's most active experts before "
+                   "stage 2; mean: the experts' mean gate rows, untrained.")
+@click.option("--allocation", type=click.Choice(["sensitivity", "uniform"]),
+              default=_D.allocation, show_default=True,
+              help="Per-layer sparsity: allocated by each layer's measured loss sensitivity "
+                   "(mean = --sparsity), or the same in every layer.")
+@click.option("--hold-sparsity/--no-hold-sparsity", default=_D.hold_sparsity,
+              show_default=True,
+              help="Stage 2 keeps every layer at its target sparsity after each step.")
+@click.option("--calibration", type=click.Choice(["layers", "global"]),
+              default=_D.calibration, show_default=True,
+              help="Final threshold calibration: each layer to its target, or one shift for "
+                   "all layers.")
 @click.option("--routers-only/--all-params", default=_D.routers_only, show_default=True,
               help="Stage 1: train only the routers (model frozen), or everything.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -57,18 +80,20 @@ _D = TrainConfig()
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow the model folder's own Python code (off by default).")
 def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_size, grad_accum,
-          stage1_steps, stage2_steps, lr, router_lr, routers_only, precision, save_steps, seed,
-          text_field, resume, overwrite, keep_checkpoints, trust_remote_code):
+          stage1_steps, stage2_steps, lr, router_lr, distill, grouping, router_init, allocation,
+          hold_sparsity, calibration, routers_only, precision, save_steps, seed, text_field,
+          resume, overwrite, keep_checkpoints, trust_remote_code):
     """Train LTE routers on MODEL and save a folded LTE checkpoint in OUT.
 
     \b
     MODEL is a Hugging Face folder (config.json + safetensors). Without MODEL and --data the
-    embedded default is used: SmolLM2-135M on Shakespeare (about 5 minutes on 2 CPU cores).
+    embedded default is used: SmolLM2-135M on Shakespeare (times measured in results/quality.md).
     \b
-    Steps: group FFN neurons into experts, calibrate the routers' threshold on held-out
-    text, stage 1 (soft routing with the efficiency and separability losses; off by default,
-    see docs/converter-training.md), re-calibrate, stage 2 (hard masks), fold the threshold
-    into the router bias, save. Multi-process: run it under
+    Steps: group FFN neurons into experts by co-activation, fit each router to its layer's
+    most active experts, allocate per-layer sparsity by measured sensitivity, stage 1 (the
+    paper's soft stage; off by default, see docs/converter-training.md), stage 2 (hard masks,
+    every layer held at its target), calibrate each layer on held-out text, fold the
+    thresholds into the router biases, save. Multi-process: run it under
     `torchrun --nproc_per_node N -m converter.cli train ...`.
     \b
     Examples:
@@ -81,7 +106,9 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
     cfg = TrainConfig(expert_size=expert_size, block_size=block_size, batch_size=batch_size,
                       grad_accum=grad_accum, stage1_steps=stage1_steps,
                       stage2_steps=stage2_steps, lr=lr, router_lr=router_lr,
-                      routers_only=routers_only, precision=precision, save_steps=save_steps,
+                      distill=distill, grouping=grouping, router_init=router_init,
+                      allocation=allocation, hold_sparsity=hold_sparsity,
+                      calibration=calibration, routers_only=routers_only, precision=precision, save_steps=save_steps,
                       seed=seed, text_field=text_field, keep_checkpoints=keep_checkpoints)
     path = train_lte(model, list(data) or None, out, sparsity, heldout=list(heldout) or None,
                      config=cfg, resume=resume, overwrite=overwrite,

@@ -100,7 +100,7 @@ def measure(model, blocks: torch.Tensor, *, batch_size: int = 8, task: str = "cl
                 ids, labels = _mlm_inputs(ids, tokenizer, gen)
                 logits = model(input_ids=ids.to(device)).logits.float()
             else:
-                logits = model(input_ids=ids.to(device)).logits[:, :-1].float()
+                logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1].float()
                 labels = ids[:, 1:]
             labels = labels.to(device)
             keep = labels != -100
@@ -181,9 +181,10 @@ def plot_sweep(points: list[dict], path: Path, title: str):
 # a checkpoint, end to end
 # ---------------------------------------------------------------------------------------
 def evaluate_checkpoint(ckpt, data=None, *, out_dir=None, sweep: list[float] | None = None,
-                        block_size: int = 128, max_blocks: int = 64, batch_size: int = 8,
+                        block_size: int = 128, max_blocks: int = 48, batch_size: int = 8,
                         text_field: str = "text", calib_blocks: int = 16) -> dict:
-    """Evaluate an LTE checkpoint on held-out text; write report.json and PNG plots.
+    """Evaluate an LTE checkpoint (or a plain Hugging Face model: dense, for the baseline) on
+    held-out text; write report.json and PNG plots.
 
     data None: the embedded default's held-out Shakespeare plays. With `sweep`, each target is
     calibrated (global router-bias shift on the first `calib_blocks` blocks) and evaluated on
@@ -196,21 +197,28 @@ def evaluate_checkpoint(ckpt, data=None, *, out_dir=None, sweep: list[float] | N
     from lte_convert.converter.train import check_model_dir
 
     ckpt = check_model_dir(ckpt)
-    if not (ckpt / "lte.json").is_file():
-        raise UserError(f"{ckpt} is a Hugging Face folder but not an LTE checkpoint (no "
-                        "lte.json). Train one with `lte-convert train` first.")
+    dense = not (ckpt / "lte.json").is_file()
+    if dense and sweep:
+        raise UserError(f"{ckpt} is a plain Hugging Face model (no lte.json): it is evaluated "
+                        "dense, and --sweep needs an LTE checkpoint's routers. Drop --sweep, "
+                        "or pass a checkpoint from `lte-convert train`.")
     for s in sweep or []:
         if not 0.0 < s < 1.0:
             raise UserError(f"--sweep values must be strictly between 0 and 1, got {s}.")
-    model, info = load_lte_model(ckpt)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    task = info.get("task", "clm")
+    if dense:
+        from lte_convert.converter.train import load_lm
+        model, tokenizer, task = load_lm(ckpt)
+        info = {}
+    else:
+        model, info = load_lte_model(ckpt)
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        task = info.get("task", "clm")
     blocks = heldout_blocks(tokenizer, data, block_size, max_blocks, text_field=text_field)
     m = measure(model, blocks, batch_size=batch_size, task=task, tokenizer=tokenizer)
-    flops = ffn_flops_per_token(model, m.layer_sparsity)
+    flops = None if dense else ffn_flops_per_token(model, m.layer_sparsity)
     report = {
-        "checkpoint": str(ckpt), "tokens": m.tokens, "blocks": len(blocks),
+        "checkpoint": str(ckpt), "dense": dense, "tokens": m.tokens, "blocks": len(blocks),
         "block_size": block_size, "perplexity": m.perplexity, "nll": m.nll,
         "accuracy": m.accuracy, "sparsity": m.sparsity, "layer_sparsity": m.layer_sparsity,
         "target_sparsity": info.get("target_sparsity"), "ffn_flops_per_token": flops,
@@ -229,12 +237,15 @@ def evaluate_checkpoint(ckpt, data=None, *, out_dir=None, sweep: list[float] | N
         report["sweep"] = points
     out_dir = Path(out_dir) if out_dir else ckpt / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_layer_sparsity(m.layer_sparsity, out_dir / "layer_sparsity.png",
-                        f"{ckpt.name}: measured sparsity per layer")
-    report["plots"] = [str(out_dir / "layer_sparsity.png")]
+    report["plots"] = []
+    if not dense:
+        plot_layer_sparsity(m.layer_sparsity, out_dir / "layer_sparsity.png",
+                            f"{ckpt.name}: measured sparsity per layer")
+        report["plots"].append(str(out_dir / "layer_sparsity.png"))
     if sweep:
         plot_sweep(report["sweep"], out_dir / "sweep.png", f"{ckpt.name}: perplexity vs sparsity")
         report["plots"].append(str(out_dir / "sweep.png"))
+    report["report_path"] = str(out_dir / "report.json")
     with atomic_path(out_dir / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1))
     return report

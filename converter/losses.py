@@ -46,3 +46,15 @@ def router_loss(scores: list[torch.Tensor], eta: float, lam: float = LAMBDA,
 def fraction_off(scores: list[torch.Tensor], tau: float = TAU) -> torch.Tensor:
     """Fraction of experts with G <= τ (the hard mask's sparsity), over all layers and tokens."""
     return torch.stack([(s.detach() <= tau).float().mean() for s in scores]).mean()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) per token, summed over the vocabulary, mean over the tokens kept
+    by `mask` [...]: Σ_v p_t(v)·(log p_t(v) − log p_s(v)), computed in fp32."""
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)                          # [...]
+    if mask is None:
+        return kl.mean()
+    return kl[mask].mean() if mask.any() else kl.sum() * 0.0

@@ -30,6 +30,8 @@ top half of experts by this init gives SmolLM2 perplexity 2994 vs 20226 for a ra
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +73,8 @@ class LTEFFN(nn.Module):
         self.fold_offset = None          # set by checkpoint.fold: the offset folded in
         self.d_ff_original = shape.d_ff  # before zero padding (set by surgery)
         self.last_scores = None
+        self.hold_target = None          # stage 2 holds this layer's sparsity here (train.py)
+        self.margins = []                # this step's router margins while it does
         self._act = ACT_FNS[shape.activation]
         self.set_mode(mode)
 
@@ -146,10 +150,14 @@ class LTEFFN(nn.Module):
         if self.mode == "dense":
             return self._down(h)
         s = self.shape.expert_size
-        scores = torch.sigmoid(self.router_logits(x))          # [..., E]
+        z = self.router_logits(x)                              # [..., E]
+        scores = torch.sigmoid(z)
         if self.mode == "soft":
             self.last_scores = scores
             gate = scores
         else:                                                  # hard: 0/1, not scaled by σ
             gate = (scores > self.tau).to(h.dtype)
+            if self.hold_target is not None and self.training:
+                self.margins.append(z.detach().float().flatten()
+                                    - math.log(self.tau / (1 - self.tau)))
         return self._down(h * gate.repeat_interleave(s, dim=-1).to(h.dtype))

@@ -67,7 +67,7 @@ def _init_router(ffn: LTEFFN, real: torch.Tensor):
     rows = ffn.w_gate if ffn.shape.gated else ffn.w_up
     bias = ffn.b_gate if ffn.shape.gated else ffn.b_up
     keep = real.to(rows.dtype).view(-1, s, 1)                  # [E, s, 1]
-    count = keep.sum(1)                                        # [E, 1]
+    count = keep.sum(1).clamp_min(1)                           # [E, 1]; an all-padding expert: 0
     ffn.router.weight.copy_((rows.view(-1, s, rows.shape[1]) * keep).sum(1) / count)
     b = 0.0 if bias is None else (bias.view(-1, s) * keep[..., 0]).sum(1) / count[:, 0]
     ffn.router.bias.copy_(b + ROUTER_INIT_BIAS)
@@ -80,11 +80,13 @@ def _install(block, adapter: Adapter, ffn: LTEFFN):
 
 
 @torch.no_grad()
-def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, seed: int = 0):
+def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, seed: int = 0,
+               group: bool = True):
     """Replace every FFN by an LTEFFN. permute=False keeps the neuron order (loading an LTE
     checkpoint, whose weights are already grouped and padded); the router then stays at its
     default init, to be overwritten by the saved routers. permute=True (converting) first
-    proves the adapter on the model (converter/derive.py), deriving one if need be."""
+    proves the adapter on the model (converter/derive.py), deriving one if need be, and pads;
+    group=False then keeps the original neuron order (for regroup() by activations)."""
     if not isinstance(expert_size, int) or isinstance(expert_size, bool) or expert_size <= 0:
         raise UserError(f"expert_size must be a positive integer, got {expert_size!r}. "
                         "The LTE paper uses 32.")
@@ -114,7 +116,7 @@ def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, 
             raise UserError(f"Layer {i} of this {adapter.family} model has an FFN of "
                             f"{w['w_up'].shape[0]} neurons, layer 0 has {d_ff}; lte-convert "
                             "needs one FFN size for all layers.")
-        if permute:
+        if permute and group:
             key = w["w_gate"] if adapter.gated else w["w_up"]
             perm = grouping.expert_permutation(key, expert_size, seed=seed + i)
         else:
@@ -131,9 +133,26 @@ def wrap_model(model, expert_size: int, tau: float = 0.5, permute: bool = True, 
     return model
 
 
-def convert_model(model, expert_size: int = 32, seed: int = 0):
-    """Group, permute, pad and wrap every FFN (LTEFFN in "dense" mode). Returns `model`."""
-    return wrap_model(model, expert_size, permute=True, seed=seed)
+def convert_model(model, expert_size: int = 32, seed: int = 0, grouping: str = "weights"):
+    """Pad and wrap every FFN (LTEFFN in "dense" mode); grouping "weights" groups neurons by
+    k-means on their weight rows now, "none" keeps their order (regroup() later, e.g. by
+    co-activation, converter/routers.py). Returns `model`."""
+    if grouping not in ("weights", "none"):
+        raise UserError(f"Unknown grouping {grouping!r}; expected weights or none (co-activation "
+                        "grouping needs data: converter/routers.py).")
+    return wrap_model(model, expert_size, permute=True, seed=seed, group=grouping == "weights")
+
+
+@torch.no_grad()
+def regroup(ffn: LTEFFN, perm: torch.Tensor):
+    """Reorder ffn's neurons by `perm` [F] (indices into its current order; function-identical
+    in "dense" mode) and start its router again from the new experts' mean rows."""
+    real = (ffn.w_up != 0).any(1) | (ffn.w_down_t != 0).any(1)        # padding rows are zero
+    for name in ("w_gate", "w_up", "w_down_t", "b_gate", "b_up"):
+        p = getattr(ffn, name)
+        if p is not None:
+            p.data = p.data[perm.to(p.device)].contiguous()
+    _init_router(ffn, real[perm.to(real.device)])
 
 
 def set_mode(model, mode: str):

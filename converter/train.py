@@ -46,19 +46,25 @@ complete when its `lte_state.json`, written after everything else, exists).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from lte_convert.atomic import atomic_path
+from lte_convert.converter.calibrate import calibrate_layers, target_shift
 from lte_convert.converter.data import BlockDataset, DataSource, make_blocks, read_documents, spread
 from lte_convert.errors import UserError
-from lte_convert.converter.losses import LAMBDA, TAU, fraction_off, router_loss
+from lte_convert.converter.losses import (LAMBDA, TAU, distillation_loss, fraction_off,
+                                          router_loss)
 
 WORK_SUFFIX = ".lte-work"
 STATE_FILE = "lte_state.json"
@@ -66,16 +72,26 @@ STATE_FILE = "lte_state.json"
 
 @dataclass
 class TrainConfig:
-    """Everything that shapes a run. Defaults: the embedded SmolLM2 + Shakespeare budget."""
+    """Everything that shapes a run. Defaults: the recipe of docs/converter-training.md,
+    chosen by the ablation in results/quality.md (SmolLM2-135M + Shakespeare, 2 CPU cores)."""
 
     expert_size: int = 32
     block_size: int = 128
     batch_size: int = 4                 # per process
     grad_accum: int = 1
-    stage1_steps: int = 0               # see "Default budget" in docs/converter-training.md:
-    stage2_steps: int = 75              # at 75 CPU steps stage 1 hurts (ppl 1068 vs 120)
-    lr: float = 5e-5                    # model weights (paper: 1.5e-5 .. 5e-5)
-    router_lr: float = 1e-3             # routers (fresh parameters; 1e-2 and 3e-3 were worse)
+    grouping: str = "coactivation"      # coactivation | weights (k-means on W_gate rows)
+    router_init: str = "fit"            # fit (to expert energies) | mean (mean gate row)
+    allocation: str = "sensitivity"     # sensitivity | uniform
+    hold_sparsity: bool = True          # stage 2 keeps every layer at its target each step
+    calibration: str = "layers"         # layers (per-layer targets) | global (one shift)
+    distill: float = 0.0                # weight of KL(original ‖ model) in the task loss
+    fit_tokens: int = 8192              # calibration tokens for grouping and the router fit
+    fit_steps: int = 400
+    sensitivity_blocks: int = 4
+    stage1_steps: int = 0               # the paper's soft stage (results/quality.md ablation)
+    stage2_steps: int = 75
+    lr: float = 1e-4                    # model weights (results/quality.md: 5e-5 gave 68.9)
+    router_lr: float = 1e-3             # routers in stage 1
     eta: float = 1.0                    # initial η; the controller adapts it (see module doc)
     eta_gain: float = 0.1
     lam: float = LAMBDA
@@ -90,6 +106,33 @@ class TrainConfig:
     text_field: str = "text"
     keep_checkpoints: bool = False
     log_steps: int = 5
+
+
+CHOICES = {"grouping": ("coactivation", "weights"), "router_init": ("fit", "mean"),
+           "allocation": ("sensitivity", "uniform"), "calibration": ("layers", "global")}
+
+
+def check_config(cfg: TrainConfig):
+    """Refuse settings that cannot train, with the reason (before anything loads)."""
+    for field, allowed in CHOICES.items():
+        if getattr(cfg, field) not in allowed:
+            raise UserError(f"{field} must be one of {', '.join(allowed)}, got "
+                            f"{getattr(cfg, field)!r}.")
+    if not (cfg.lr > 0 and cfg.router_lr > 0):
+        raise UserError(f"Learning rates must be positive, got --lr {cfg.lr} and --router-lr "
+                        f"{cfg.router_lr}.")
+    if not 0.0 <= cfg.distill <= 1.0:
+        raise UserError(f"--distill is the weight of the distillation term in the task loss "
+                        f"and must be between 0 and 1, got {cfg.distill}.")
+    if cfg.stage1_steps < 0 or cfg.stage2_steps < 0:
+        raise UserError("Step counts cannot be negative, got --stage1-steps "
+                        f"{cfg.stage1_steps}, --stage2-steps {cfg.stage2_steps}.")
+
+
+def progress(message: str):
+    """One line on stderr for each long step (the Trainer shows its own progress bar)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[lte] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,9 +221,10 @@ class LTETrainer(Trainer):
     """Trainer whose loss adds η·L_eff + λ·L_sep in stage 1 and stops on a non-finite loss."""
 
     def __init__(self, *args, lte, cfg: TrainConfig, target: float, stage: int, work: Path,
-                 eta: float, **kwargs):
+                 eta: float, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.lte, self.cfg, self.target, self.stage, self.work = lte, cfg, target, stage, work
+        self.teacher = teacher
         self.eta = eta
         self.router_stats = {}
         self._step_off = []            # batch sparsities of this optimizer step's micro-batches
@@ -208,13 +252,20 @@ class LTETrainer(Trainer):
         out = super().compute_loss(model, inputs, return_outputs=True,
                                    num_items_in_batch=num_items_in_batch)
         loss, outputs = out
+        scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
+                  else (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                  or self.compute_loss_func is not None)
+        if self.teacher is not None and self.cfg.distill > 0 and self.task == "clm":
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+            kd = distillation_loss(outputs.logits, t_logits)
+            if scaled:          # the LM loss is already divided by the accumulation steps
+                kd = kd / self.current_gradient_accumulation_steps
+            loss = (1 - self.cfg.distill) * loss + self.cfg.distill * kd
         finite = torch.isfinite(loss.detach()).float()
         if self.stage == 1:
             scores = [m.last_scores for m in self.lte]
             aux, parts = router_loss(scores, self.eta, self.cfg.lam, self.cfg.tau)
-            scaled = (self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None
-                      else (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                      or self.compute_loss_func is not None)
             if scaled:
                 aux = aux / self.current_gradient_accumulation_steps
             loss = loss + aux
@@ -231,6 +282,22 @@ class LTETrainer(Trainer):
         if float(finite) < 1.0:
             self._stop(f"The training loss became {float(loss.detach()):.4g}")
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def hold_sparsity(self):
+        """After each stage-2 optimizer step: shift every held layer's router bias so that its
+        target fraction of this step's margins (all micro-batches, all processes) is off."""
+        held = [m for m in self.lte if m.hold_target is not None]
+        if not held or not held[0].margins:
+            return
+        margins = [torch.cat(m.margins).cpu() for m in held]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, margins)
+            margins = [torch.cat(parts) for parts in zip(*every)]
+        for m, margin in zip(held, margins):
+            m.router.bias += target_shift(margin, m.hold_target)
+            m.margins = []
 
     def check_gradients(self):
         """Before each optimizer step: a finite loss can still overflow in backward."""
@@ -266,11 +333,12 @@ class _EtaCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.update_eta()
+        self.trainer.hold_sparsity()
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (ckpt / STATE_FILE).write_text(json.dumps({"eta": self.trainer.eta}))
+            _write_marker(ckpt / STATE_FILE, {"eta": self.trainer.eta})
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -296,7 +364,7 @@ def _precision(cfg: TrainConfig) -> dict:
 
 
 def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig, target, work,
-               eta: float, steps: int) -> tuple[float, float]:
+               eta: float, steps: int, teacher=None) -> tuple[float, float]:
     """Train one stage for `steps` optimizer steps (resuming if it can); (η, seconds).
     steps = 0 skips the stage (TrainingArguments would read max_steps=0 as "use epochs")."""
     if steps <= 0:
@@ -304,7 +372,7 @@ def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig
     out_dir = work / f"stage{stage}"
     resume = last_checkpoint(out_dir)
     if resume is not None:
-        eta = json.loads((resume / STATE_FILE).read_text())["eta"]
+        eta = _read_marker(resume / STATE_FILE)["eta"]
     args = TrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=0.0,
@@ -315,7 +383,10 @@ def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig
         remove_unused_columns=False, disable_tqdm=False, **_precision(cfg))
     trainer = LTETrainer(model=model, args=args, train_dataset=BlockDataset(blocks.train),
                          data_collator=BlockCollator(tokenizer, task), lte=lte, cfg=cfg,
-                         target=target, stage=stage, work=work, eta=eta)
+                         target=target, stage=stage, work=work, eta=eta, teacher=teacher)
+    trainer.task = task
+    if teacher is not None:
+        teacher.to(args.device)
     trainer.add_callback(_EtaCallback(trainer))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer.eta, float(result.metrics.get("train_runtime", 0.0))
@@ -333,23 +404,66 @@ def _freeze_for_stage(model, lte, stage: int, routers_only: bool):
             p.requires_grad_(not (stage == 1 and routers_only))
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def _state():
+    """Accelerate's view of this process (initialises the process group under torchrun)."""
+    from accelerate import PartialState
+
+    return PartialState()
 
 
-def _barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def _check_devices():
+    """The Trainer wraps one process on several GPUs in DataParallel, which stage 1's router
+    scores and the sparsity controller do not survive: refuse it with the fix."""
+    if (torch.cuda.is_available() and torch.cuda.device_count() > 1
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1):
+        raise UserError(f"This process sees {torch.cuda.device_count()} GPUs. lte-convert "
+                        "trains one process per GPU: run it under `torchrun --nproc-per-node "
+                        f"{torch.cuda.device_count()} $(which lte-convert) train ...`, or make "
+                        "one GPU visible with CUDA_VISIBLE_DEVICES=0.")
+
+
+def _write_marker(path: Path, data: dict):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data))
+
+
+def _read_marker(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"The resume marker {path} cannot be read ({e}). The work folder "
+                        f"{path.parent} is damaged: delete it and run again without --resume."
+                        ) from None
+
+
+def _tied_names(model) -> set[str]:
+    """State-dict keys that are views of another parameter (tied LM heads): a saved folder
+    may omit them."""
+    seen, tied = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            tied.add(name)
+        seen.setdefault(key, name)
+    return tied
 
 
 def _load_state(model, folder: Path):
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(folder / "model.safetensors"))
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"The saved state {folder} cannot be read ({e}). Delete the work "
+                        "folder and run again without --resume.") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "decoder" in k or "embed_out" in k}
-    assert not unexpected and set(missing) == tied, (missing, unexpected)
-    if tied:
+    if unexpected or set(missing) - _tied_names(model):
+        raise UserError(f"The saved state {folder} does not match this model (missing "
+                        f"{sorted(set(missing) - _tied_names(model))[:5]}, unexpected "
+                        f"{sorted(unexpected)[:5]}). It was written by another run: delete "
+                        "the work folder and run again without --resume.")
+    if missing:
         model.tie_weights()
 
 
@@ -365,22 +479,72 @@ def check_sparsity(sparsity: float):
                         f"experts switched off per token), got {sparsity}. The default is 0.5.")
 
 
+def _start(model, lte, blocks, calib, cfg: TrainConfig, sparsity: float, targets_given,
+           seed: int) -> dict:
+    """Group, fit and allocate (converter/routers.py); returns what the start decided."""
+    from lte_convert.converter.routers import (allocate, coactivation_permutation, ffn_inputs,
+                                               fit_routers, sensitivity, set_layer_sparsity)
+    from lte_convert.converter.surgery import regroup
+
+    t0 = time.perf_counter()
+
+    def took():
+        return f" ({time.perf_counter() - t0:.0f} s)"
+
+    fit_blocks = spread(blocks.train, max(1, cfg.fit_tokens // blocks.block_size))
+    progress(f"start: reading FFN inputs on {len(fit_blocks)} blocks")
+    xs = ffn_inputs(model, lte, fit_blocks, max_tokens=cfg.fit_tokens)
+    if cfg.grouping == "coactivation":
+        progress(f"start: grouping {len(lte)} layers by co-activation" + took())
+        for i, (m, x) in enumerate(zip(lte, xs)):
+            regroup(m, coactivation_permutation(m, x, seed=seed + i))
+    fits = []
+    if cfg.router_init == "fit":
+        progress(f"start: fitting {len(lte)} routers to their experts' energies" + took())
+        fits = fit_routers(lte, xs, sparsity, steps=cfg.fit_steps, seed=seed)
+    costs = None
+    if targets_given is not None:
+        targets = list(targets_given)
+    elif cfg.allocation == "sensitivity":
+        sens = spread(blocks.train, cfg.sensitivity_blocks)
+        progress(f"start: measuring {len(lte)} layers' sensitivity on {len(sens)} blocks"
+                 + took())
+        costs = sensitivity(model, lte, xs, sens)
+        targets = allocate(costs, sparsity)
+    else:
+        targets = [sparsity] * len(lte)
+    for m, x, t in zip(lte, xs, targets):
+        set_layer_sparsity(m, x, t)
+    for m in lte:
+        m.set_mode("hard")
+    progress("start: calibrating every layer to its target" + took())
+    cal = calibrate_layers(model, calib, targets)
+    return {"targets": targets, "grouping": cfg.grouping, "router_init": cfg.router_init,
+            "allocation": "given" if targets_given is not None else cfg.allocation,
+            "router_recall": [round(f.recall, 4) for f in fits],
+            "sensitivity": costs, "start_layer_sparsity": cal.layer_sparsity,
+            "seconds": time.perf_counter() - t0}
+
+
 def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
               sparsity: float = 0.5, *, heldout: DataSource | None = None,
               config: TrainConfig | None = None, resume: bool = False, overwrite: bool = False,
-              trust_remote_code: bool = False) -> Path:
+              trust_remote_code: bool = False, layer_sparsity: list[float] | None = None) -> Path:
     """Train an LTE model and save the folded LTE checkpoint in `out`; returns `out`.
 
     model_dir None: the embedded SmolLM2-135M (lte_convert/default.py); data None: Shakespeare's
-    training plays, held out: its held-out plays. Under torchrun every process calls this;
-    process 0 writes the checkpoint.
+    training plays (calibration then uses the last 5% of their blocks; the held-out plays are
+    kept for evaluation). layer_sparsity: per-layer targets instead of the allocation. Under
+    torchrun every process calls this; process 0 writes the checkpoints.
     """
-    from lte_convert.converter.calibrate import calibrate, shift_routers
+    from lte_convert.converter.calibrate import calibrate
     from lte_convert.converter.checkpoint import fold, save_lte_checkpoint
     from lte_convert.converter.surgery import convert_model, lte_modules
 
     cfg = config or TrainConfig()
     check_sparsity(sparsity)
+    check_config(cfg)
+    _check_devices()
     out = Path(out)
     work = out.parent / (out.name + WORK_SUFFIX)
     if resume:
@@ -395,70 +559,97 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
         if model_dir is None:
             model_dir = default_model_dir()
         if data is None:
-            data, default_heldout = shakespeare_texts()
-            heldout = heldout or default_heldout
+            data = shakespeare_texts()[0]
+    check_model_dir(model_dir)
     docs = read_documents(data, cfg.text_field)            # bad data fails before loading
     held_docs = None if heldout is None else read_documents(heldout, cfg.text_field)
+    state = _state()
+    progress(f"loading {model_dir}")
     model, tokenizer, task = load_lm(model_dir, trust_remote_code)
     blocks = make_blocks(tokenizer, docs, cfg.block_size, held_docs, cfg.heldout_fraction)
-    if not resume and work.exists() and _rank() == 0:
-        shutil.rmtree(work)
-    _barrier()
-    work.mkdir(parents=True, exist_ok=True)
+    with state.main_process_first():
+        if state.is_main_process and not resume and work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    teacher = None
+    if cfg.distill > 0:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    convert_model(model, expert_size=cfg.expert_size, seed=cfg.seed)
+    convert_model(model, expert_size=cfg.expert_size, seed=cfg.seed,
+                  grouping="weights" if cfg.grouping == "weights" else "none")
     lte = [m for _, m in lte_modules(model)]
+    if layer_sparsity is not None and len(layer_sparsity) != len(lte):
+        raise UserError(f"layer_sparsity has {len(layer_sparsity)} entries for {len(lte)} "
+                        "LTE layers; give one target per layer.")
     calib = spread(blocks.heldout, cfg.calib_blocks)
 
-    # ---- stage 1 (soft), then calibrate the threshold shift on held-out data -------------
+    # ---- the start: grouping, fitted routers, per-layer targets ---------------------------
+    done0 = work / "start.json"
+    if done0.is_file():
+        start = _read_marker(done0)
+        _load_state(model, work / "start")
+    else:
+        start = _start(model, lte, blocks, calib, cfg, sparsity, layer_sparsity, cfg.seed)
+        if state.is_main_process:
+            model.save_pretrained(work / "start")
+            _write_marker(done0, start)
+        state.wait_for_everyone()
+    targets = start["targets"]
+    progress(f"start: {start['seconds']:.0f} s, per-layer sparsity "
+             f"{min(start['start_layer_sparsity']):.2f}-{max(start['start_layer_sparsity']):.2f}")
+
+    # ---- stage 1 (soft, optional), then calibrate ----------------------------------------
     done1 = work / "stage1.json"
     if done1.is_file():
-        s1 = json.loads(done1.read_text())
+        s1 = _read_marker(done1)
         _load_state(model, work / "stage1-final")
     else:
-        if last_checkpoint(work / "stage1") is None:
-            # Start the routers at the requested sparsity: shift every router bias so the
-            # hard mask switches off the fraction S of experts on held-out data.
-            _freeze_for_stage(model, lte, 2, cfg.routers_only)
-            shift_routers(model, calibrate(model, calib, sparsity, batch_size=8,
-                                           task=task, tokenizer=tokenizer).offset)
         _freeze_for_stage(model, lte, 1, cfg.routers_only)
         eta, secs = _run_stage(1, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
-                               cfg.eta, cfg.stage1_steps)
+                               cfg.eta, cfg.stage1_steps, teacher)
         _freeze_for_stage(model, lte, 2, cfg.routers_only)
-        cal = calibrate(model, calib, sparsity, batch_size=8, task=task,
-                        tokenizer=tokenizer)
-        s1 = {"eta": eta, "seconds": secs, "offset": cal.offset,
-              "sparsity_before_calibration": cal.uncalibrated_sparsity}
-        if _rank() == 0:
-            model.save_pretrained(work / "stage1-final")
-            done1.write_text(json.dumps(s1))
-        _barrier()
-    # ---- stage 2 (hard), routers frozen, with the calibrated shift applied --------------
+        if cfg.stage1_steps > 0:
+            calibrate_layers(model, calib, targets)
+        s1 = {"eta": eta, "seconds": secs}
+        if state.is_main_process:
+            with atomic_path(work / "stage1-final", is_dir=True) as tmp:
+                model.save_pretrained(tmp)
+            _write_marker(done1, s1)
+        state.wait_for_everyone()
+    # ---- stage 2 (hard), each layer held at its target -----------------------------------
     _freeze_for_stage(model, lte, 2, cfg.routers_only)
-    shift_routers(model, s1["offset"])
+    for m, t in zip(lte, targets):
+        m.hold_target = t if cfg.hold_sparsity else None
     _, secs2 = _run_stage(2, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
-                          s1["eta"], cfg.stage2_steps)
+                          s1["eta"], cfg.stage2_steps, teacher)
+    for m in lte:
+        m.hold_target = None
     model.eval()
-    cal2 = calibrate(model, calib, sparsity, batch_size=8, task=task,
-                     tokenizer=tokenizer)
-    offset = s1["offset"] + cal2.offset
-    fold(model, [cal2.offset] * len(lte))     # bias' = bias − logit(τ) + offset (bias has s1's)
+    progress("calibrating the thresholds on held-out blocks")
+    if cfg.calibration == "layers":
+        cal = calibrate_layers(model, calib, targets)
+        fold(model)                          # the per-layer shifts are in the biases already
+        offsets, method = cal.offsets, "per-layer bias shift to the allocated targets"
+    else:
+        cal = calibrate(model, calib, sparsity, batch_size=8, task=task, tokenizer=tokenizer)
+        fold(model, [cal.offset] * len(lte))
+        offsets, method = [cal.offset] * len(lte), "global bias shift"
     info = {
         "expert_size": cfg.expert_size, "tau": cfg.tau, "target_sparsity": sparsity,
-        "sparsity": cal2.sparsity, "layer_sparsity": cal2.layer_sparsity,
-        "calibration": {"offset": offset, "stage1_offset": s1["offset"],
-                        "stage2_offset": cal2.offset, "blocks": len(calib),
-                        "block_size": cfg.block_size, "method": "global bias shift"},
+        "sparsity": cal.sparsity, "layer_sparsity": cal.layer_sparsity,
+        "layer_targets": targets,
+        "calibration": {"offsets": offsets, "blocks": len(calib),
+                        "block_size": cfg.block_size, "method": method},
+        "start": {k: v for k, v in start.items() if k != "targets"},
         "source_model": str(model_dir), "task": task,
         "training": {**asdict(cfg),
                      "final_eta": s1["eta"], "stage1_seconds": s1["seconds"],
                      "stage2_seconds": secs2, "train_blocks": len(blocks.train),
-                     "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
+                     "world_size": state.num_processes},
     }
-    if _rank() == 0:
+    if state.is_main_process:
         save_lte_checkpoint(model, out, info, overwrite=True, tokenizer=tokenizer)
         if not cfg.keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)
-    _barrier()
+    state.wait_for_everyone()
     return out

@@ -6,7 +6,10 @@
         ─► export (exporters.onnx_export) ─► validate ONNX Runtime vs PyTorch
         ─► summary
 
-With no --data, the text is Shakespeare (train / held-out plays), as for `lte-convert train`.
+With no --data, training and calibration read Shakespeare's training plays (as `lte-convert
+train`) and the before/after evaluation reads EVAL_BLOCKS blocks evenly spread over the four
+held-out plays; with --data, the evaluation reads the held-out tail of the data's blocks.
+The original model and the converted one are measured on the same blocks.
 The checkpoint goes to `<out stem>-lte/` beside the ONNX file unless --checkpoint says
 otherwise; the output path is checked for writability before training starts.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-EVAL_BLOCKS = 16      # held-out blocks for the before/after perplexity (evenly spread)
+EVAL_BLOCKS = 48      # held-out blocks for the before/after perplexity (evenly spread)
 
 
 def default_checkpoint(out: Path) -> Path:
@@ -59,7 +62,7 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
     if model_dir is None:
         from lte_convert.default import default_model_dir
         model_dir = default_model_dir()
-    if data is None:                 # as train_lte: Shakespeare's train / held-out plays
+    if data is None:                 # train on the training plays, evaluate on held-out plays
         from lte_convert.default import shakespeare_texts
         data, heldout = shakespeare_texts()
     cfg = config or TrainConfig()
@@ -71,8 +74,7 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
     before = measure(dense, blocks, batch_size=cfg.batch_size, task=task, tokenizer=tokenizer)
     del dense
     echo(f"[2/4] training LTE routers (target sparsity {sparsity:.0%}) -> {ckpt}")
-    train_lte(model_dir, data, ckpt, sparsity, heldout=heldout, config=cfg, resume=resume,
-              overwrite=True)
+    train_lte(model_dir, data, ckpt, sparsity, config=cfg, resume=resume, overwrite=True)
     lte_model, _ = load_lte_model(ckpt)
     after = measure(lte_model, blocks, batch_size=cfg.batch_size, task=task,
                     tokenizer=tokenizer)
@@ -111,7 +113,8 @@ def summary(r: dict) -> str:
         f"  sparsity            {r['sparsity']:.1%} measured on held-out text "
         f"(target {r['target_sparsity']:.0%}; per layer "
         f"{min(r['layer_sparsity']):.0%}–{max(r['layer_sparsity']):.0%})",
-        f"  perplexity          {r['perplexity_before']:.2f} dense -> {r['perplexity_after']:.2f} LTE",
+        f"  perplexity          {r['perplexity_before']:.2f} original -> "
+        f"{r['perplexity_after']:.2f} LTE (same {EVAL_BLOCKS} held-out blocks)",
         f"  validation          {'PASSED' if v['passed'] else 'FAILED'} "
         f"(ONNX Runtime vs PyTorch, {v['compute_dtype']}: max |Δ logits| {worst:.2g} "
         f"{v['verdict']}, top-1 {top1:.1%} free-running)",

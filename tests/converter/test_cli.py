@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _fails(capsys, args, needle):
     with pytest.raises(SystemExit) as e:
         main(args)
-    err = capsys.readouterr().err
+    err = "".join(line for line in capsys.readouterr().err.splitlines(keepends=True)
+                  if not line.startswith("[lte] "))          # progress lines come first
     assert e.value.code == 2, err
     assert err.startswith("error: ") and needle in err.replace("\n", " "), err
     assert "Traceback" not in err
@@ -73,7 +74,8 @@ def test_resume_without_a_run_and_eval_without_a_checkpoint(tmp_path, capsys):
     _fails(capsys, ["train", str(glassllm_model_dir()), "--out", str(tmp_path / "o"),
                     "--resume"], "nothing to resume")
     _fails(capsys, ["eval", str(tmp_path / "missing")], "does not exist")
-    _fails(capsys, ["eval", str(glassllm_model_dir())], "not an LTE checkpoint")
+    _fails(capsys, ["eval", str(glassllm_model_dir()), "--sweep", "0.5"],
+           "plain Hugging Face model")
     _fails(capsys, ["eval", str(glassllm_model_dir()), "--sweep", "0.3,x"], "--sweep")
 
 

@@ -47,6 +47,21 @@ def test_report_plots_and_sweep(ckpt, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_plain_model_is_evaluated_dense_on_the_same_blocks(ckpt, tmp_path):
+    from lte_convert.converter.train import load_lm
+    from lte_convert.default import glassllm_model_dir
+
+    heldout = shakespeare_texts()[1][0]
+    r = evaluate_checkpoint(glassllm_model_dir(), [heldout], out_dir=tmp_path, max_blocks=8)
+    model, tok, _ = load_lm(glassllm_model_dir())
+    blocks = spread(pack(tok, read_documents(heldout), 128), 8)
+    want = measure(model, blocks)
+    assert r["dense"] and r["ffn_flops_per_token"] is None and r["blocks"] == 8
+    assert r["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+    lte = evaluate_checkpoint(ckpt, [heldout], out_dir=tmp_path / "lte", max_blocks=8)
+    assert not lte["dense"] and lte["tokens"] == r["tokens"]          # the same blocks
+
+
 def test_flops_by_hand(ckpt):
     model, _ = load_lte_model(ckpt)
     # glassllm: d=128, d_ff=341 padded to F=352 (11 experts), gated (3 matrices), 4 layers.

@@ -50,3 +50,19 @@ def test_router_loss_combines_with_eta_and_lambda():
 
 def test_fraction_off_counts_scores_at_or_below_tau():
     assert fraction_off([torch.tensor([0.1, 0.5, 0.51, 0.9])]).item() == pytest.approx(0.5)
+
+
+def test_distillation_loss_hand_value():
+    from lte_convert.converter.losses import distillation_loss
+
+    t = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.25)]])
+    s = torch.tensor([[math.log(0.25), math.log(0.5), math.log(0.25)]])
+    want = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5) + 0.25 * math.log(1.0)
+    assert distillation_loss(s, t).item() == pytest.approx(want, rel=1e-6)
+    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    both = torch.stack([s[0], t[0]])[None]                         # [1, 2, V]: KL want, 0
+    assert distillation_loss(both, torch.stack([t[0], t[0]])[None]).item() == pytest.approx(
+        want / 2, rel=1e-6)
+    keep = torch.tensor([[True, False]])
+    assert distillation_loss(both, torch.stack([t[0], t[0]])[None], keep).item() == \
+        pytest.approx(want, rel=1e-6)

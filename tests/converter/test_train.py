@@ -46,7 +46,7 @@ def test_end_to_end_on_glassllm_hits_sparsity_and_reloads(tmp_path):
     out = train_lte(glassllm_model_dir(), train, tmp_path / "lte", 0.5, heldout=heldout,
                     config=_cfg())
     info = json.loads((out / "lte.json").read_text())
-    assert info["folded"] and abs(info["sparsity"] - 0.5) <= 0.002
+    assert info["folded"] and abs(info["sparsity"] - 0.5) <= 0.005       # per-layer tol
     assert len(info["layer_sparsity"]) == 4 and info["task"] == "clm"
     assert not (tmp_path / "lte.lte-work").exists()           # checkpoints cleaned up
     model, _ = load_lte_model(out)
@@ -150,4 +150,42 @@ def test_zero_steps_skips_a_stage(tmp_path):
     out = train_lte(glassllm_model_dir(), train, tmp_path / "z", 0.5, heldout=heldout,
                     config=_cfg(stage1_steps=0, stage2_steps=2))
     info = json.loads((out / "lte.json").read_text())
-    assert info["training"]["stage1_seconds"] == 0.0 and abs(info["sparsity"] - 0.5) <= 0.002
+    assert info["training"]["stage1_seconds"] == 0.0 and abs(info["sparsity"] - 0.5) <= 0.005
+
+
+def test_a_damaged_resume_marker_is_a_clear_error(tmp_path):
+    train, heldout = _data()
+    work = tmp_path / "r.lte-work"
+    work.mkdir()
+    (work / "start.json").write_text('{"targets": [0.5, 0.5')            # truncated
+    with pytest.raises(UserError, match="cannot be read.*delete it and run again"):
+        train_lte(glassllm_model_dir(), train, tmp_path / "r", 0.5, heldout=heldout,
+                  config=_cfg(), resume=True)
+
+
+def test_a_saved_state_from_another_model_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from lte_convert.converter.train import _load_state, load_lm
+
+    model, _, _ = load_lm(glassllm_model_dir())
+    full = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v for k, v in full.items() if "layers.0.mlp" not in k}   # not a tied weight
+    (tmp_path / "s").mkdir()
+    save_file(state, str(tmp_path / "s" / "model.safetensors"))
+    with pytest.raises(UserError, match="does not match this model.*layers.0.mlp"):
+        _load_state(model, tmp_path / "s")
+    save_file(full, str(tmp_path / "s" / "model.safetensors"))
+    _load_state(model, tmp_path / "s")                 # only the tied head missing: fine
+
+
+def test_one_process_on_several_gpus_is_refused(monkeypatch):
+    from lte_convert.converter import train as train_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # no GPU here
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UserError, match="torchrun --nproc-per-node 2"):
+        train_mod._check_devices()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train_mod._check_devices()
