@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from lte_convert.converter.data import BlockDataset, make_blocks, read_documents, spread
-from lte_convert.converter.train import BlockCollator, TrainConfig, load_lm, train_lte
+from lte_convert.converter.train import BlockCollator, TrainConfig, train_lte
+from lte_convert.loading import load_lm
 
 
 def _ppl(model, blocks, batch_size=8) -> float:
@@ -159,7 +160,7 @@ def main():
         if s in given:
             ckpt = given[s]
         elif a.refold_from:
-            from lte_convert.converter.calibrate import fold_checkpoint
+            from lte_convert.commands.fold import fold_checkpoint
             name = f"LTE (refolded from {Path(a.refold_from).name})"
             ckpt = fold_checkpoint(a.refold_from, Path(a.work) / f"refold-{s}", s,
                                    overwrite=True)

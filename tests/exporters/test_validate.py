@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from lte_convert.converter.cli import main
+from lte_convert.cli import main
 from lte_convert.exporters.onnx_export import data_path, export_checkpoint
 from lte_convert.plugins import spec
 from tests.exporters.conftest import tiny_checkpoint

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lte_convert.converter.cli import main
+from lte_convert.cli import main
 from lte_convert.errors import UserError
 from lte_convert.plugins import spec
 from lte_convert.trt_plugins import builder
