@@ -10,7 +10,7 @@ from lte_convert.converter.checkpoint import (FORMAT, MODEL_TYPE, VERSION, fold,
 from lte_convert.errors import UserError
 from lte_convert.loading import check_remote_code
 from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
-from tiny_models import random_ids, tiny_model
+from tests.tiny_models import random_ids, tiny_model
 
 
 

@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_models import random_ids, tiny_model  # noqa: E402
+from tests.tiny_models import random_ids, tiny_model  # noqa: E402
 
 
 @torch.no_grad()

@@ -132,7 +132,7 @@ def test_export_cli_dtype_overflow_leaves_nothing(capsys, tmp_path):
     import torch
 
     from tests.exporters.conftest import folded_checkpoint
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     model, _ = tiny_model("gpt2")
     with torch.no_grad():

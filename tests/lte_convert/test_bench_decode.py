@@ -8,7 +8,7 @@ from lte_convert import bench_decode
 from lte_convert.converter.checkpoint import fold
 from lte_convert.converter.surgery import convert_model
 from lte_convert.plugins import cpu_tuning
-from tiny_models import FFN, HIDDEN, random_ids, tiny_model
+from tests.tiny_models import FFN, HIDDEN, random_ids, tiny_model
 
 
 def folded_tiny():

@@ -138,7 +138,7 @@ def test_prepare_and_profile_a_real_export(tmp_path):
     """The exporter's file (KV cache, fp16) as the builder sees it: 2 lte pairs, one INT32
     cast per layer's mask, every input covered by the default profile."""
     import torch
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     from lte_convert.converter.checkpoint import fold
     from lte_convert.converter.surgery import convert_model
