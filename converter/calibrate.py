@@ -92,44 +92,6 @@ def calibrate(model, blocks: torch.Tensor, target: float, *, batch_size: int = 8
                        uncalibrated_sparsity=first, passes=passes)
 
 
-def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 128,
-                    calib_blocks: int = 32, text_field: str = "text",
-                    overwrite: bool = False):
-    """Re-target an LTE checkpoint to `sparsity` (calibrate δ, fold, save); returns `out`."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from lte_convert.converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
-    from lte_convert.converter.data import heldout_blocks
-    from lte_convert.converter.surgery import lte_modules
-    from lte_convert.converter.train import check_output_dir, check_sparsity
-
-    check_sparsity(sparsity)
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    model, info = load_lte_model(ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    blocks = heldout_blocks(tokenizer, data, block_size, calib_blocks, text_field=text_field,
-                            purpose="calibration")
-    task = info.get("task", "clm")
-    cal = calibrate(model, blocks, sparsity, task=task, tokenizer=tokenizer)
-    modules = lte_modules(model)
-    if info["folded"]:
-        shift_routers(model, cal.offset)
-        for _, m in modules:
-            m.fold_offset += cal.offset
-    else:
-        fold(model, [cal.offset] * len(modules))
-    keep = {k: v for k, v in info.items() if k not in ("offsets", "folded", "mode")}
-    keep.update(target_sparsity=sparsity, sparsity=cal.sparsity,
-                layer_sparsity=cal.layer_sparsity,
-                calibration={**info.get("calibration", {}), "refold_offset": cal.offset,
-                             "blocks": len(blocks), "block_size": block_size,
-                             "method": "global bias shift"})
-    return save_lte_checkpoint(model, out, keep, overwrite=True, tokenizer=tokenizer)
-
-
 @dataclass
 class LayerCalibration:
     offsets: list[float]           # the shift added to each layer's router bias

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from lte_convert.converter.adapters import blocks, get_adapter
 from lte_convert.atomic import atomic_path
 from lte_convert.errors import UserError
+from lte_convert.loading import check_remote_code
 from lte_convert.converter.surgery import lte_modules, wrap_model
 
 FORMAT = "lte-convert-checkpoint"
@@ -228,26 +229,6 @@ def read_lte_info(path) -> dict:
         raise UserError(f"{file} has format version {info['version']}, newer than this "
                         f"lte-convert reads ({VERSION}). Upgrade lte-convert.")
     return info
-
-
-def check_remote_code(folder, trust_remote_code: bool) -> dict:
-    """config.json of a model folder as a dict; a UserError when it asks for the authors' own
-    code (auto_map) and --trust-remote-code was not given, even for a built-in model type
-    (transformers would then quietly use its built-in class instead of the authors' code)."""
-    file = Path(folder) / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"Could not read {file}: {e}") from None
-    if config.get("auto_map") and not trust_remote_code:
-        names = ", ".join(f"{k}: {v}" for k, v in config["auto_map"].items())
-        raise UserError(
-            f"{file} has an auto_map ({names}): the model's authors ship their own Python code "
-            "for it. lte-convert runs that code only when you pass --trust-remote-code (read it "
-            "first). Without it, transformers would quietly use its built-in "
-            f"{config.get('lte_model_type', config.get('model_type'))!r} classes instead, which "
-            "may not be the model the authors made.")
-    return config
 
 
 def _dynamic_class(ref: str, folder: Path):

@@ -1,7 +1,9 @@
 """Evaluation of an LTE model: perplexity, next-token accuracy, measured sparsity, FFN FLOPs.
 
     measure(model, blocks)                -> Measurement (one pass over held-out blocks)
-    evaluate_checkpoint(ckpt, data, ...)  -> report dict; writes report.json + PNG plots
+    ffn_flops_per_token(model, sparsity)  -> FFN FLOPs per token, dense and LTE
+
+`lte-convert eval` (lte_convert/commands/eval.py) writes them as a report with plots.
 
 Sparsity is *measured*: a forward hook on each LTEFFN's router reads the logits z it computes
 and counts an expert off when the mask rule says so (z ≤ 0 folded, σ(z) ≤ τ i.e. z ≤ logit(τ)
@@ -18,10 +20,8 @@ Masked-LM models are scored on a fixed 15% of positions (seeded), replaced by th
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -133,119 +133,3 @@ def ffn_flops_per_token(model, layer_sparsity: list[float] | None) -> dict:
         on = 1.0 - (layer_sparsity[i] if layer_sparsity else 0.0)
         lte_flops += 2 * s.d * s.n_experts + on * 2 * s.d * s.d_ff * mats
     return {"dense": dense, "lte": lte_flops, "ratio": lte_flops / dense if dense else 1.0}
-
-
-# ---------------------------------------------------------------------------------------
-# plots
-# ---------------------------------------------------------------------------------------
-def plot_layer_sparsity(layer_sparsity: list[float], path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lte_convert.atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(max(5, 0.25 * len(layer_sparsity) + 2), 3.2))
-    ax.bar(range(len(layer_sparsity)), layer_sparsity, color="#4472c4")
-    mean = sum(layer_sparsity) / max(1, len(layer_sparsity))
-    ax.axhline(mean, color="k", ls="--", lw=1, label=f"mean {mean:.3f}")
-    ax.set(xlabel="layer", ylabel="fraction of experts off", ylim=(0, 1), title=title)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def plot_sweep(points: list[dict], path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lte_convert.atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.plot([p["sparsity"] for p in points], [p["perplexity"] for p in points], "o-")
-    for p in points:
-        ax.annotate(f"{p['perplexity']:.1f}", (p["sparsity"], p["perplexity"]),
-                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax.set(xlabel="measured FFN sparsity", ylabel="perplexity", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------
-# a checkpoint, end to end
-# ---------------------------------------------------------------------------------------
-def evaluate_checkpoint(ckpt, data=None, *, out_dir=None, sweep: list[float] | None = None,
-                        block_size: int = 128, max_blocks: int = 48, batch_size: int = 8,
-                        text_field: str = "text", calib_blocks: int = 16) -> dict:
-    """Evaluate an LTE checkpoint (or a plain Hugging Face model: dense, for the baseline) on
-    held-out text; write report.json and PNG plots.
-
-    data None: the embedded default's held-out Shakespeare plays. With `sweep`, each target is
-    calibrated (global router-bias shift on the first `calib_blocks` blocks) and evaluated on
-    all blocks; the checkpoint's own threshold is evaluated too.
-    """
-    from lte_convert.atomic import atomic_path
-    from lte_convert.converter.calibrate import calibrate, shift_routers
-    from lte_convert.converter.checkpoint import load_lte_model
-    from lte_convert.converter.data import heldout_blocks, spread
-    from lte_convert.converter.train import check_model_dir
-
-    ckpt = check_model_dir(ckpt)
-    dense = not (ckpt / "lte.json").is_file()
-    if dense and sweep:
-        raise UserError(f"{ckpt} is a plain Hugging Face model (no lte.json): it is evaluated "
-                        "dense, and --sweep needs an LTE checkpoint's routers. Drop --sweep, "
-                        "or pass a checkpoint from `lte-convert train`.")
-    for s in sweep or []:
-        if not 0.0 < s < 1.0:
-            raise UserError(f"--sweep values must be strictly between 0 and 1, got {s}.")
-    if dense:
-        from lte_convert.converter.train import load_lm
-        model, tokenizer, task = load_lm(ckpt)
-        info = {}
-    else:
-        model, info = load_lte_model(ckpt)
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
-        task = info.get("task", "clm")
-    blocks = heldout_blocks(tokenizer, data, block_size, max_blocks, text_field=text_field)
-    m = measure(model, blocks, batch_size=batch_size, task=task, tokenizer=tokenizer)
-    flops = None if dense else ffn_flops_per_token(model, m.layer_sparsity)
-    report = {
-        "checkpoint": str(ckpt), "dense": dense, "tokens": m.tokens, "blocks": len(blocks),
-        "block_size": block_size, "perplexity": m.perplexity, "nll": m.nll,
-        "accuracy": m.accuracy, "sparsity": m.sparsity, "layer_sparsity": m.layer_sparsity,
-        "target_sparsity": info.get("target_sparsity"), "ffn_flops_per_token": flops,
-    }
-    if sweep:
-        points = []
-        for target in sorted(sweep):
-            cal = calibrate(model, spread(blocks, calib_blocks), target, batch_size=batch_size,
-                            task=task, tokenizer=tokenizer)
-            shift_routers(model, cal.offset)
-            pm = measure(model, blocks, batch_size=batch_size, task=task, tokenizer=tokenizer)
-            shift_routers(model, -cal.offset)
-            points.append({"target": target, "offset": cal.offset, "sparsity": pm.sparsity,
-                           "perplexity": pm.perplexity, "accuracy": pm.accuracy,
-                           "layer_sparsity": pm.layer_sparsity})
-        report["sweep"] = points
-    out_dir = Path(out_dir) if out_dir else ckpt / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report["plots"] = []
-    if not dense:
-        plot_layer_sparsity(m.layer_sparsity, out_dir / "layer_sparsity.png",
-                            f"{ckpt.name}: measured sparsity per layer")
-        report["plots"].append(str(out_dir / "layer_sparsity.png"))
-    if sweep:
-        plot_sweep(report["sweep"], out_dir / "sweep.png", f"{ckpt.name}: perplexity vs sparsity")
-        report["plots"].append(str(out_dir / "sweep.png"))
-    report["report_path"] = str(out_dir / "report.json")
-    with atomic_path(out_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1))
-    return report

@@ -60,9 +60,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lte_convert.atomic import atomic_path
+from lte_convert.checks import check_output_dir, check_sparsity
 from lte_convert.converter.calibrate import calibrate_layers, target_shift
 from lte_convert.converter.data import BlockDataset, DataSource, make_blocks, read_documents, spread
 from lte_convert.errors import UserError
+from lte_convert.loading import check_model_dir, load_lm
 from lte_convert.converter.losses import (LAMBDA, TAU, distillation_loss, fraction_off,
                                           router_loss)
 
@@ -133,60 +135,6 @@ def progress(message: str):
     """One line on stderr for each long step (the Trainer shows its own progress bar)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[lte] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------
-# loading a model for a task
-# ---------------------------------------------------------------------------------------
-def check_model_dir(model_dir) -> Path:
-    path = Path(model_dir)
-    if not path.exists():
-        raise UserError(f"The model path {path} does not exist. Pass a Hugging Face model "
-                        "folder (with config.json and safetensors weights), or omit it to use "
-                        "the embedded default (SmolLM2-135M).")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a Hugging Face model folder: it has no config.json. "
-                        "Pass the folder that `save_pretrained` wrote (config.json, "
-                        "model.safetensors, tokenizer files).")
-    return path
-
-
-def load_lm(model_dir, trust_remote_code: bool = False, dtype=torch.float32):
-    """(model, tokenizer, task) with task "clm" or "mlm"; UserError for what cannot train."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
-                              AutoTokenizer)
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-    from lte_convert.converter.checkpoint import check_remote_code
-
-    path = check_model_dir(model_dir)
-    check_remote_code(path, trust_remote_code)      # auto_map without the flag fails here
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError) as e:
-        raise UserError(f"Could not read the model config in {path}: {e}") from None
-    archs = config.architectures or []
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        cls, task = AutoModelForMaskedLM, "mlm"
-    elif (any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-          or (not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
-        cls, task = AutoModelForCausalLM, "clm"
-    else:
-        kind = ("an encoder without a masked-LM head"
-                if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "a model without an LM head")
-        raise UserError(f"{path} holds {kind} (architectures={archs}); LTE training needs a "
-                        "task loss: a causal-LM model (…ForCausalLM) or a masked-LM model "
-                        "(…ForMaskedLM). Use a checkpoint with such a head.")
-    try:
-        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                    trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"Could not load the model or tokenizer from {path}: {e}. lte-convert "
-                        "reads weights from safetensors only (never pickled .bin files) and "
-                        "needs the tokenizer files beside them.") from None
-    return model, tokenizer, task
 
 
 class BlockCollator:
@@ -465,18 +413,6 @@ def _load_state(model, folder: Path):
                         "the work folder and run again without --resume.")
     if missing:
         model.tie_weights()
-
-
-def check_output_dir(out: Path, overwrite: bool):
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"The output folder {out} already exists and is not empty. Choose "
-                        "another --out, or pass --overwrite to replace it.")
-
-
-def check_sparsity(sparsity: float):
-    if not (0.0 < float(sparsity) < 1.0):
-        raise UserError(f"--sparsity must be strictly between 0 and 1 (the fraction of FFN "
-                        f"experts switched off per token), got {sparsity}. The default is 0.5.")
 
 
 def _start(model, lte, blocks, calib, cfg: TrainConfig, sparsity: float, targets_given,

@@ -26,6 +26,7 @@ import onnx_ir as ir
 import torch
 
 from lte_convert.atomic import atomic_path
+from lte_convert.checks import check_writable
 from lte_convert.errors import UserError
 from lte_convert.exporters import functions, metadata, symbolic, wrappers
 from lte_convert.plugins import spec
@@ -41,22 +42,6 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 def data_path(onnx_path: Path) -> Path:
     """Where ONNXProgram.save puts external data: beside the model, `<name>.data`."""
     return onnx_path.with_name(onnx_path.name + ".data")
-
-
-def check_writable(out: Path) -> None:
-    """Fail before the (slow) export if `out` cannot be written."""
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise UserError(f"The output path {out} is a folder; give a file name such as "
-                        f"{out / 'model.onnx'}.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".{out.name}.write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"Cannot write the output {out}: {e.strerror or e}. Choose a folder you "
-                        "can write to (--out), or fix its permissions.") from None
 
 
 def check_fits_dtype(model, dtype: torch.dtype) -> None:
@@ -185,4 +170,3 @@ def export_checkpoint(ckpt, out, *, dtype: str = "fp32", kv_cache: bool = True,
     return export_model(model, out, info=info, kv_cache=kv_cache,
                         external_data_threshold=external_data_threshold,
                         fingerprint=metadata.checkpoint_fingerprint(ckpt))
-

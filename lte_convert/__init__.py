@@ -8,7 +8,12 @@ this package (pyproject.toml maps them):
     lte_convert.exporters    exporters/     ONNX export and validation
     lte_convert.trt_plugins  trt_plugins/   TensorRT plugin and engine builder
 
-Below them: `lte_convert.errors`, `lte_convert.atomic` and `lte_convert.default` (the
+Above them, the application layer: `lte_convert.cli` (the `lte-convert` click group) and
+`lte_convert.commands` (one module per command), plus `lte_convert.bench_decode`. The rooms
+never import it.
+
+Below them: `lte_convert.errors`, `lte_convert.atomic`, `lte_convert.checks` (path and option
+checks), `lte_convert.loading` (a model folder to train) and `lte_convert.default` (the
 embedded model and text).
 """
 from pathlib import Path

@@ -37,8 +37,9 @@ import torch
 
 from lte_convert.converter.data import make_blocks, pack, read_documents, spread
 from lte_convert.converter.evaluate import measure
-from lte_convert.converter.train import TrainConfig, load_lm, train_lte
+from lte_convert.converter.train import TrainConfig, train_lte
 from lte_convert.default import default_model_dir, second_domain_text, shakespeare_texts
+from lte_convert.loading import load_lm
 
 EVAL_BLOCKS = 48
 QUALITY_STEPS = 500

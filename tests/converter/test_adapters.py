@@ -7,7 +7,7 @@ from lte_convert.converter.adapters import HF_ACTIVATIONS, REGISTRY, get_adapter
 from lte_convert.errors import UserError
 from lte_convert.converter.lte_ffn import LTEFFN
 from lte_convert.converter.surgery import convert_model, lte_modules
-from tiny_models import FAMILIES, LAYERS, random_ids, tiny_model
+from tests.tiny_models import FAMILIES, LAYERS, random_ids, tiny_model
 
 EXPECTED_ACT = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "qwen3": "silu",
                 "gemma": "gelu_tanh", "gpt2": "gelu_tanh", "bert": "gelu", "roberta": "gelu",

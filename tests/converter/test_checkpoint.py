@@ -5,12 +5,12 @@ import pytest
 import torch
 import transformers
 
-from lte_convert.converter.checkpoint import (FORMAT, MODEL_TYPE, VERSION, check_remote_code,
-                                             fold, hf_config, load_lte_model, read_lte_info,
-                                             save_lte_checkpoint)
+from lte_convert.converter.checkpoint import (FORMAT, MODEL_TYPE, VERSION, fold, hf_config,
+                                             load_lte_model, read_lte_info, save_lte_checkpoint)
 from lte_convert.errors import UserError
+from lte_convert.loading import check_remote_code
 from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
-from tiny_models import random_ids, tiny_model
+from tests.tiny_models import random_ids, tiny_model
 
 
 
@@ -232,7 +232,7 @@ def test_auto_map_is_refused_without_trust_remote_code(tmp_path):
 
 
 def test_trusted_remote_code_runs_the_authors_class(tmp_path, capsys):
-    from lte_convert.converter.train import load_lm
+    from lte_convert.loading import load_lm
 
     folder = _remote_code_folder(tmp_path / "m", tokenizer=True)
     model, _, _ = load_lm(folder, trust_remote_code=True)

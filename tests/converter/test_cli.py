@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lte_convert.converter.cli import cli, main
+from lte_convert.cli import cli, main
 from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from lte_convert.converter.derive import resolve_adapter
 from lte_convert.converter.lte_ffn import LTEFFN
 from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
 from lte_convert.errors import UserError
-from tiny_models import LAYERS, UNREGISTERED, random_ids, tiny_model
+from tests.tiny_models import LAYERS, UNREGISTERED, random_ids, tiny_model
 
 # what each family's derived adapter must say
 EXPECTED = {

@@ -10,7 +10,8 @@ import torch
 from lte_convert.converter.calibrate import calibrate
 from lte_convert.converter.checkpoint import fold, load_lte_model, save_lte_checkpoint
 from lte_convert.converter.data import pack, read_documents, spread
-from lte_convert.converter.evaluate import evaluate_checkpoint, ffn_flops_per_token, measure
+from lte_convert.commands.eval import evaluate_checkpoint
+from lte_convert.converter.evaluate import ffn_flops_per_token, measure
 from lte_convert.converter.surgery import convert_model, set_mode
 from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
@@ -48,7 +49,7 @@ def test_report_plots_and_sweep(ckpt, tmp_path):
 
 
 def test_a_plain_model_is_evaluated_dense_on_the_same_blocks(ckpt, tmp_path):
-    from lte_convert.converter.train import load_lm
+    from lte_convert.loading import load_lm
     from lte_convert.default import glassllm_model_dir
 
     heldout = shakespeare_texts()[1][0]
@@ -85,7 +86,7 @@ def test_measured_perplexity_matches_a_direct_forward(ckpt):
 def test_fold_cli_retargets_a_folded_checkpoint(ckpt, tmp_path):
     from click.testing import CliRunner
 
-    from lte_convert.converter.cli import cli
+    from lte_convert.cli import cli
 
     heldout = str(shakespeare_texts()[1][0])
     r = CliRunner().invoke(cli, ["fold", str(ckpt), "--sparsity", "0.3", "--out",

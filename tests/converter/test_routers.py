@@ -12,7 +12,7 @@ from lte_convert.converter.routers import (allocate, coactivation_permutation, e
                                            ffn_inputs, fit_routers, oracle_mask,
                                            set_layer_sparsity)
 from lte_convert.converter.surgery import convert_model, lte_modules, regroup
-from lte_convert.converter.train import load_lm
+from lte_convert.loading import load_lm
 from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
 

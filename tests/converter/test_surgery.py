@@ -5,7 +5,7 @@ from lte_convert.converter.checkpoint import fold
 from lte_convert.errors import UserError
 from lte_convert.converter.lte_ffn import ROUTER_INIT_BIAS
 from lte_convert.converter.surgery import convert_model, lte_modules, set_mode
-from tiny_models import random_ids, tiny_model
+from tests.tiny_models import random_ids, tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -19,7 +19,7 @@ from lte_convert.converter.train import TrainConfig, train_lte
 from lte_convert.default import glassllm_model_dir, shakespeare_texts
 
 ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "lte_convert.converter.cli"]
+CLI = [sys.executable, "-m", "lte_convert.cli"]
 
 
 def _data():
@@ -121,7 +121,7 @@ def test_two_processes_train_the_same_routers_as_one(tmp_path):
     one = _run_cli(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     two = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                          "-m", "lte_convert.converter.cli", "train"] + common
+                          "-m", "lte_convert.cli", "train"] + common
                          + ["--batch-size", "2", "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
@@ -166,7 +166,8 @@ def test_a_damaged_resume_marker_is_a_clear_error(tmp_path):
 def test_a_saved_state_from_another_model_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from lte_convert.converter.train import _load_state, load_lm
+    from lte_convert.converter.train import _load_state
+    from lte_convert.loading import load_lm
 
     model, _, _ = load_lm(glassllm_model_dir())
     full = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}

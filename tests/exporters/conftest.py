@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_models import random_ids, tiny_model  # noqa: E402
+from tests.tiny_models import random_ids, tiny_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -63,7 +63,7 @@ def derived_chain(tmp_path_factory):
     from lte_convert.converter.train import TrainConfig
     from lte_convert.default import glassllm_model_dir
     from lte_convert.exporters.onnx_export import export_checkpoint
-    from lte_convert.exporters.pipeline import run_pipeline
+    from lte_convert.commands.run import run_pipeline
 
     cfg = TrainConfig(block_size=32, batch_size=2, stage1_steps=2, stage2_steps=1,
                       calib_blocks=4, save_steps=100, log_steps=100)

@@ -15,7 +15,7 @@ from lte_convert.exporters.onnx_export import data_path, export_checkpoint
 from lte_convert.exporters.validate import validate
 from lte_convert.plugins import spec
 from tests.exporters.conftest import tiny_checkpoint
-from tiny_models import FAMILIES, HIDDEN, LAYERS
+from tests.tiny_models import FAMILIES, HIDDEN, LAYERS
 
 ENCODERS = ("bert", "roberta")
 DECODERS = tuple(f for f in FAMILIES if f not in ENCODERS)
@@ -143,7 +143,7 @@ def test_model_not_fitting_dtype(tmp_path):
     import torch
 
     from tests.exporters.conftest import folded_checkpoint
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     model, _ = tiny_model("llama")
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_model_not_fitting_dtype(tmp_path):
 def test_unfolded_checkpoint_refused(tmp_path):
     from lte_convert.converter.checkpoint import save_lte_checkpoint
     from lte_convert.converter.surgery import convert_model
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     model, _ = tiny_model("llama")
     convert_model(model)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from lte_convert.converter.cli import main
+from lte_convert.cli import main
 from lte_convert.errors import UserError
-from lte_convert.exporters.pipeline import run_pipeline, summary
+from lte_convert.commands.run import run_pipeline, summary
 
 
 def _hamlet():

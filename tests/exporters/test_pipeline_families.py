@@ -9,7 +9,7 @@ import pytest
 
 from lte_convert.converter.checkpoint import read_lte_info
 from lte_convert.exporters.validate import validate
-from tiny_models import HEADS, HIDDEN, LAYERS
+from tests.tiny_models import HEADS, HIDDEN, LAYERS
 
 # family -> (layout it adds, KV heads of its cache)
 FAMILIES = {

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from lte_convert.converter.cli import main
+from lte_convert.cli import main
 from lte_convert.exporters.onnx_export import data_path, export_checkpoint
 from lte_convert.plugins import spec
 from tests.exporters.conftest import tiny_checkpoint
@@ -135,7 +135,7 @@ def test_export_cli_dtype_overflow_leaves_nothing(capsys, tmp_path):
     import torch
 
     from tests.exporters.conftest import folded_checkpoint
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     model, _ = tiny_model("gpt2")
     with torch.no_grad():

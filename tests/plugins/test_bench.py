@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from lte_convert.plugins import bench, cpu_tuning
-from lte_convert.plugins.cli import bench as bench_command
+from lte_convert.commands.bench import bench as bench_command
 
 
 def test_json_has_ideal_bars_host_and_plan_numbers(tmp_path):

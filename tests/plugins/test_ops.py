@@ -253,14 +253,14 @@ def test_folded_model_compiled_static_cache_generate_matches_eager():
 
 
 # ---------------------------------------------------------------------------------------------
-# `lte-convert bench` (plugins/cli.py over plugins/bench.py): runs, writes its JSON
+# `lte-convert bench` (lte_convert/commands/bench.py over plugins/bench.py): runs, writes its JSON
 # ---------------------------------------------------------------------------------------------
 def test_bench_command_writes_json(tmp_path, capsys):
     import json
 
     from click.testing import CliRunner
 
-    from lte_convert.plugins.cli import bench
+    from lte_convert.commands.bench import bench
     out = tmp_path / "b.json"
     result = CliRunner().invoke(bench, ["--shapes", "smollm2", "--tokens", "1,3", "--sparsity",
                                         "0,0.75", "--layers", "2", "--reps", "2", "--device",
@@ -282,7 +282,7 @@ def test_bench_command_writes_json(tmp_path, capsys):
 
 
 def test_bench_command_unknown_shape_is_a_user_error():
-    from lte_convert.converter.cli import main
+    from lte_convert.cli import main
     with pytest.raises(SystemExit) as e:
         main(["bench", "--shapes", "gpt5", "--device", "cpu"])
     assert e.value.code == 2

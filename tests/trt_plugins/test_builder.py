@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lte_convert.converter.cli import main
+from lte_convert.cli import main
 from lte_convert.errors import UserError
 from lte_convert.plugins import spec
 from lte_convert.trt_plugins import builder
@@ -152,7 +152,7 @@ def test_prepare_and_profile_a_real_export(tmp_path):
     """The exporter's file (KV cache, fp16) as the builder sees it: 2 lte pairs, one INT32
     cast per layer's mask, every input covered by the default profile."""
     import torch
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     from lte_convert.converter.checkpoint import fold
     from lte_convert.converter.surgery import convert_model

@@ -30,7 +30,7 @@ DIMS = {"batch": (1, 2, 2), "seq": (1, 8, 16), "past_seq": (0, 8, 16)}
 
 
 def export_tiny(path, dtype):
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     from lte_convert.converter.checkpoint import fold
     from lte_convert.converter.surgery import convert_model

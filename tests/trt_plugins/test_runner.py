@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from lte_convert.converter.cli import main
+from lte_convert.cli import main
 from lte_convert.errors import UserError
 from lte_convert.trt_plugins.runner import EngineRunner
 

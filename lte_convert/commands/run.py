@@ -1,7 +1,8 @@
-"""The one-shot job: `lte-convert [MODEL] --out model.onnx` = train → fold → export → validate.
+"""`lte-convert run`, the one-shot job: `lte-convert [MODEL] --out model.onnx` = train → fold →
+export → validate.
 
     MODEL (default: the embedded SmolLM2-135M) ─► held-out perplexity, dense
-        ─► converter.train.train_lte (stage 1, calibrate, stage 2, fold, save the checkpoint)
+        ─► converter.train.train_lte (start, stage 2, calibrate, fold, save the checkpoint)
         ─► held-out perplexity and measured sparsity of the folded LTE model
         ─► export (exporters.onnx_export) ─► validate ONNX Runtime vs PyTorch
         ─► summary
@@ -18,6 +19,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import click
+
+from lte_convert.commands.options import DTYPE_CHOICE, Failed, threshold_option
+
 EVAL_BLOCKS = 48      # held-out blocks for the before/after perplexity (evenly spread)
 
 
@@ -28,7 +33,7 @@ def default_checkpoint(out: Path) -> Path:
 def _dense_and_blocks(model_dir, data, heldout, cfg):
     """(dense model, tokenizer, task, held-out blocks): the blocks training holds out."""
     from lte_convert.converter.data import load_blocks, spread
-    from lte_convert.converter.train import load_lm
+    from lte_convert.loading import load_lm
 
     model, tokenizer, task = load_lm(model_dir)
     blocks = load_blocks(tokenizer, data, cfg.block_size, heldout=heldout,
@@ -45,17 +50,17 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
 
     config: a converter.train.TrainConfig (default: its defaults, sized for the embedded model).
     """
+    from lte_convert.checks import check_output_dir, check_sparsity, check_writable
     from lte_convert.converter.checkpoint import load_lte_model
     from lte_convert.converter.evaluate import measure
-    from lte_convert.converter.train import (TrainConfig, check_output_dir, check_sparsity,
-                                 train_lte)
+    from lte_convert.converter.train import TrainConfig, train_lte
     from lte_convert.exporters import onnx_export
     from lte_convert.exporters.validate import format_table, validate
 
     out = Path(out)
     ckpt = Path(checkpoint) if checkpoint else default_checkpoint(out)
     check_sparsity(sparsity)
-    onnx_export.check_writable(out)
+    check_writable(out)
     if not resume:
         check_output_dir(ckpt, overwrite)
     heldout = None
@@ -122,3 +127,32 @@ def summary(r: dict) -> str:
         f"validate {secs['validate']:.0f} s",
         "  files               " + "\n                      ".join(files),
     ])
+
+
+@click.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", default=Path("model.onnx"), show_default=True,
+              type=click.Path(path_type=Path), help="The .onnx file to write.")
+@click.option("--sparsity", type=float, default=0.5, show_default=True,
+              help="Fraction of FFN experts skipped per token.")
+@click.option("--data", multiple=True, type=click.Path(path_type=Path),
+              help="Training text (.txt, folder, .jsonl, saved dataset); the last 5% is held "
+                   "out. Default with no MODEL: Shakespeare (train/held-out plays).")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Where the LTE checkpoint goes [default: <out stem>-lte beside --out].")
+@click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True)
+@click.option("--no-kv-cache", is_flag=True, help="Export decoders without the KV cache.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted training run.")
+@threshold_option
+def run(model, out, sparsity, data, checkpoint, dtype, no_kv_cache, overwrite, resume,
+        external_data_threshold):
+    """Train LTE routers, fold, export to ONNX and validate: MODEL -> model.onnx."""
+    r = run_pipeline(model, out, sparsity=sparsity, data=list(data) or None,
+                     checkpoint=checkpoint, dtype=dtype, kv_cache=not no_kv_cache,
+                     overwrite=overwrite, resume=resume,
+                     external_data_threshold=external_data_threshold, echo=click.echo)
+    click.echo(summary(r))
+    if not r["validation"]["passed"]:
+        raise Failed("the exported model failed validation against PyTorch (table above, "
+                     f"report in {r['validation']['report_path']}); the files are kept")

@@ -1,8 +1,9 @@
-"""The `lte-convert` command line: thin click commands over the library functions.
+"""The `lte-convert` command line: the click group over lte_convert.commands.
 
-Commands live beside the code they drive (converter/, exporters/, trt_plugins/, plugins/)
-and are imported only when used, so `lte-convert --help` stays fast and a CPU-only
-install never imports Triton or TensorRT.
+Each command is one small module in lte_convert/commands/ (the application layer, above the
+compute rooms converter/, plugins/, exporters/, trt_plugins/, which never import it). They
+are imported only when used, so `lte-convert --help` stays fast and a CPU-only install never
+imports Triton or TensorRT.
 
 `lte-convert [MODEL] --out model.onnx` (no command name) runs the one-shot pipeline:
 arguments that do not start with a command name go to `lte-convert run`.
@@ -18,14 +19,14 @@ from lte_convert.errors import UserError, exit_with
 
 # command name -> "module:attribute"; the attribute is a click.Command.
 COMMANDS = {
-    "run": "lte_convert.exporters.cli:run",
-    "train": "lte_convert.converter.cli_train:train",
-    "fold": "lte_convert.converter.cli_train:fold",
-    "eval": "lte_convert.converter.cli_eval:eval_",
-    "export": "lte_convert.exporters.cli:export",
-    "validate": "lte_convert.exporters.cli:validate",
-    "build": "lte_convert.trt_plugins.cli:build",
-    "bench": "lte_convert.plugins.cli:bench",
+    "run": "lte_convert.commands.run:run",
+    "train": "lte_convert.commands.train:train",
+    "fold": "lte_convert.commands.fold:fold",
+    "eval": "lte_convert.commands.eval:eval_",
+    "export": "lte_convert.commands.export:export",
+    "validate": "lte_convert.commands.validate:validate",
+    "build": "lte_convert.commands.build:build",
+    "bench": "lte_convert.commands.bench:bench",
 }
 
 _HELP_FLAGS = {"--help", "-h", "--version"}

@@ -1,4 +1,5 @@
-"""`lte-convert build model.onnx --engine model.plan`: a TensorRT engine with the lte plugins."""
+"""`lte-convert build model.onnx --engine model.plan`: a TensorRT engine with the lte plugins
+(trt_plugins.builder)."""
 from __future__ import annotations
 
 import click

@@ -1,4 +1,4 @@
-"""`lte-convert train` and `lte-convert fold`: thin wrappers over converter.train / calibrate."""
+"""`lte-convert train`: train LTE routers and save a folded checkpoint (converter.train)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -94,7 +94,7 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
     paper's soft stage; off by default, see docs/converter-training.md), stage 2 (hard masks,
     every layer held at its target), calibrate each layer on held-out text, fold the
     thresholds into the router biases, save. Multi-process: run it under
-    `torchrun --nproc_per_node N -m converter.cli train ...`.
+    `torchrun --nproc_per_node N -m lte_convert.cli train ...`.
     \b
     Examples:
       lte-convert train --out smollm2-lte
@@ -113,42 +113,13 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
     path = train_lte(model, list(data) or None, out, sparsity, heldout=list(heldout) or None,
                      config=cfg, resume=resume, overwrite=overwrite,
                      trust_remote_code=trust_remote_code)
-    _summary(path)
+    summary(path)
 
 
-def _summary(path: Path):
+def summary(path: Path):
     from lte_convert.converter.checkpoint import read_lte_info
 
     info = read_lte_info(path)
     layers = " ".join(f"{s:.2f}" for s in info.get("layer_sparsity", []))
     click.echo(f"saved {path}: measured held-out sparsity {info.get('sparsity', 0):.3f} "
                f"(target {info.get('target_sparsity')})\nper layer: {layers}")
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--sparsity", "-s", type=float, required=True,
-              help="New target sparsity in (0, 1).")
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
-              help="Folder for the re-folded LTE checkpoint.")
-@click.option("--data", multiple=True, type=click.Path(path_type=Path),
-              help="Held-out text to calibrate on (default: Shakespeare's held-out plays).")
-@click.option("--block-size", type=int, default=128, show_default=True)
-@click.option("--calib-blocks", type=int, default=32, show_default=True,
-              help="Blocks (evenly spread over --data) used to calibrate.")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def fold(checkpoint, sparsity, out, data, block_size, calib_blocks, text_field, overwrite):
-    """Re-target an LTE checkpoint to another sparsity, without training.
-
-    \b
-    Calibrates one global router-bias shift on held-out text so the measured sparsity is
-    within ±0.02 of --sparsity, folds it into the router bias and saves a new checkpoint.
-    Works on folded checkpoints (from `train`) and unfolded ones. Example:
-      lte-convert fold smollm2-lte --sparsity 0.7 --out smollm2-lte-70
-    """
-    from lte_convert.converter.calibrate import fold_checkpoint
-
-    _summary(fold_checkpoint(checkpoint, out, sparsity, list(data) or None,
-                             block_size=block_size, calib_blocks=calib_blocks,
-                             text_field=text_field, overwrite=overwrite))
