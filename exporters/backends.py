@@ -138,17 +138,27 @@ class TorchBackend:
         self.kv_cache = kv_cache
         self.decoder = wrappers.is_decoder(model)
         self.cache_kwarg = wrappers._cache_kwarg(model)
-        self._masks: list = []
-        for _, m in lte_modules(model):
-            m.register_forward_hook(
-                lambda mod, args, out: self._masks.append(mod.router_logits(args[0]) > 0))
+        self._lte = [m for _, m in lte_modules(model)]
 
     def _t(self, a, dtype=None):
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.model.device, dtype)
 
     @torch.no_grad()
     def run(self, feeds):
-        self._masks.clear()
+        masks = []
+        hooks = [m.register_forward_hook(
+            lambda mod, args, out: masks.append(mod.router_logits(args[0]) > 0))
+            for m in self._lte]              # removed after the run: the model stays as it was
+        try:
+            res = self._run(feeds)
+        finally:
+            for h in hooks:
+                h.remove()
+        for k, m in enumerate(masks):
+            res[MASK_PREFIX + str(k)] = m.cpu().numpy()
+        return res
+
+    def _run(self, feeds):
         kw = {"input_ids": self._t(feeds["input_ids"]),
               "attention_mask": self._t(feeds["attention_mask"])}
         if self.decoder:
@@ -168,6 +178,4 @@ class TorchBackend:
             for i, layer in enumerate(wrappers.output_cache(out).layers):
                 res[f"present.{i}.key"] = layer.keys.float().cpu().numpy()
                 res[f"present.{i}.value"] = layer.values.float().cpu().numpy()
-        for k, m in enumerate(self._masks):
-            res[MASK_PREFIX + str(k)] = m.cpu().numpy()
         return res

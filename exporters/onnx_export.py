@@ -3,7 +3,8 @@
     LTE checkpoint ─► load (dtype) ─► check it fits the dtype ─► wrap (KV cache or not)
         ─► torch.onnx.export(dynamo=True, opset 19, dynamic batch/seq axes)
         ─► count the lte nodes (a silent fallback exporter drops them) ─► attach the functions
-        ─► metadata ─► save atomically (external data past the threshold) ─► onnx.checker
+        ─► metadata ─► save to a temporary file (external data past the threshold)
+        ─► onnx.checker on it ─► rename onto --out
 
 Every folded LTEFFN becomes router MatMul/Add → Greater(0) (a bool mask of static shape) →
 lte::SparseFFNUp → lte::SparseFFNDown (exporters/symbolic.py); the FFN weights are graph
@@ -25,7 +26,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from lte_convert.atomic import atomic_path
+from lte_convert.atomic import atomic_path, fsync
 from lte_convert.checks import check_writable
 from lte_convert.errors import UserError
 from lte_convert.exporters import functions, metadata, wrappers
@@ -140,19 +141,29 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
     external = size > min(external_data_threshold, EXTERNAL_DATA_THRESHOLD)
     with atomic_path(out) as tmp:
         program.save(tmp, external_data=external)
+        del program, graph
+        _check(tmp, out)
         tmp_data = data_path(tmp)
         if external:
             # the data goes in first: the .onnx that points at it appears last (on exit)
+            fsync(tmp_data)
             os.replace(tmp_data, data_path(out))
         elif tmp_data.exists():
             tmp_data.unlink()
     if not external and data_path(out).exists():
         data_path(out).unlink()        # a stale file from an earlier external-data export
-    del program, graph
-    onnx.checker.check_model(str(out))
     return {"path": str(out), "data_path": str(data_path(out)) if external else None,
             "bytes": size, "external_data": external, "kv_cache": kv_cache,
             "dtype": DTYPE_NAMES[dtype], "custom_nodes": counts, "metadata": props}
+
+
+def _check(tmp: Path, out: Path) -> None:
+    """onnx.checker on the written (temporary) file, before it is renamed to `out`."""
+    try:
+        onnx.checker.check_model(str(tmp))
+    except onnx.checker.ValidationError as e:
+        raise RuntimeError(f"The exported graph for {out} fails onnx.checker, so it was not "
+                           f"written: {e}") from e
 
 
 def export_checkpoint(ckpt, out, *, dtype: str = "fp32", kv_cache: bool = True,

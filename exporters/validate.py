@@ -128,7 +128,7 @@ def check_reference(meta: dict, ckpt) -> dict:
     ours, fp = meta.get("checkpoint_sha256", ""), metadata.checkpoint_fingerprint(ckpt)
     if ours and fp and ours != fp:
         raise UserError(f"The ONNX file was exported from a different checkpoint than {ckpt} "
-                        f"(same architecture, but its lte.json/routers digest is {ours[:12]}…, "
+                        f"(same architecture, but its digest is {ours[:12]}…, "
                         f"this checkpoint's is {fp[:12]}…). Pass the checkpoint the file was "
                         "exported from, or export this one.")
     return info
