@@ -18,11 +18,14 @@ PyTorch (transformers' generate on the LTE model), a `.onnx` file in ONNX Runtim
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lte_convert.errors import UserError
-from lte_convert.exporters.backends import Backend
+
+if TYPE_CHECKING:            # the backends import onnx and torch: not needed to check input
+    from lte_convert.exporters.backends import Backend
 
 
 def greedy_generate(backend: Backend, layout: list[tuple[int, int]] | None,

@@ -117,6 +117,19 @@ def _is_full(e: BaseException, folder: Path) -> bool:
         return False
 
 
+def as_disk_full(error: BaseException) -> DiskFull | None:
+    """A write that failed outside atomic_path (e.g. a training checkpoint) as DiskFull, when
+    the errno or message says the disk is full; None otherwise."""
+    if not ((isinstance(error, OSError) and error.errno in _FULL)
+            or "No space left on device" in str(error)):
+        return None
+    where = getattr(error, "filename", None)
+    return DiskFull(f"The disk is full: {f'writing {where} failed: ' if where else ''}{error}. "
+                    "Finished outputs were not touched (each is written whole or not at all); "
+                    "free some space or choose another folder, then run the same command "
+                    "again (add --resume to continue a training run).")
+
+
 def disk_full(where: Path, error: BaseException) -> DiskFull:
     """The DiskFull error for a write to `where` that failed with `error`."""
     folder = where.parent

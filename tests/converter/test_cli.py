@@ -39,6 +39,7 @@ def test_bad_model_paths(tmp_path, capsys):
                     str(tmp_path / "o")], "no config.json")
     from transformers import T5Config
     T5Config().save_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "tokenizer_config.json").write_text("{}")
     _fails(capsys, ["train", str(tmp_path / "t5"), "--data", data, "--out", str(tmp_path / "o")],
            "without an LM head")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.lte-work").exists()

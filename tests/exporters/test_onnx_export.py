@@ -119,7 +119,7 @@ def test_external_data(checkpoints, tmp_path):
     assert inline == [] and data_path(out).stat().st_size >= r["bytes"] * 0.9
     assert validate(out, checkpoints("llama"), n=2, seq_len=8)["passed"]
     # a later inline export to the same path leaves no stale data file behind
-    export_checkpoint(checkpoints("llama"), out, kv_cache=False)
+    export_checkpoint(checkpoints("llama"), out, kv_cache=False, overwrite=True)
     assert not data_path(out).exists()
 
 
@@ -187,8 +187,19 @@ def _hidden(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
+def test_existing_output_is_refused_without_overwrite(checkpoints, tmp_path):
+    out = tmp_path / "notes.onnx"
+    out.write_text("my notes, not ONNX")
+    with pytest.raises(UserError, match="exists.*--overwrite"):
+        export_checkpoint(checkpoints("llama"), out)
+    assert out.read_text() == "my notes, not ONNX"
+    export_checkpoint(checkpoints("llama"), out, overwrite=True, kv_cache=False)
+    onnx.checker.check_model(str(out))
+
+
 def test_a_file_failing_the_checker_never_reaches_the_output(checkpoints, tmp_path, monkeypatch):
     out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
     checked = []
 
     def check_model(path, *args, **kwargs):
@@ -197,9 +208,9 @@ def test_a_file_failing_the_checker_never_reaches_the_output(checkpoints, tmp_pa
 
     monkeypatch.setattr(onnx.checker, "check_model", check_model)
     with pytest.raises(RuntimeError, match="fails onnx.checker.*topologically"):
-        export_checkpoint(checkpoints("llama"), out, external_data_threshold=1024)
+        export_checkpoint(checkpoints("llama"), out, overwrite=True, external_data_threshold=1024)
     assert checked and checked[0] != str(out)                  # the temporary file was checked
-    assert not out.exists() and not data_path(out).exists()
+    assert out.read_bytes() == b"the previous export" and not data_path(out).exists()
     assert _hidden(tmp_path) == []
 
 

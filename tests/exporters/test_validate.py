@@ -128,6 +128,14 @@ def test_export_output_not_writable(llama, capsys, tmp_path):
     _user_error(["export", str(llama[0]), "--out", str(tmp_path)], capsys, "is a folder")
 
 
+def test_export_refuses_an_existing_output(llama, capsys, tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_text("not ONNX")
+    _user_error(["export", str(llama[0]), "--out", str(out)], capsys, f"{out} exists",
+                "--overwrite")
+    assert out.read_text() == "not ONNX"
+
+
 def test_export_cli_dtype_overflow_leaves_nothing(capsys, tmp_path):
     import torch
 
