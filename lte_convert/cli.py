@@ -80,7 +80,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("Interrupted; the last checkpoint (if any) is kept. Use --resume to go on.", err=True)
         sys.exit(130)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:                 # OSError, torch's RuntimeError, SafetensorError, ...
         from lte_convert.atomic import as_disk_full
 
         full = as_disk_full(e)

@@ -58,6 +58,7 @@ def run_pipeline(model_dir=None, out="model.onnx", *, sparsity: float = 0.5, dat
                        lr=given.lr, router_lr=given.router_lr, resume=resume,
                        overwrite=overwrite, trust_remote_code=trust_remote_code)
 
+    echo("[0/4] loading torch, transformers and onnx")
     from lte_convert.converter.checkpoint import load_lte_model
     from lte_convert.converter.evaluate import measure
     from lte_convert.converter.train import TrainConfig, train_lte

