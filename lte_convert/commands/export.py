@@ -26,6 +26,8 @@ def export(checkpoint, out, dtype, no_kv_cache, overwrite, external_data_thresho
     """Export a folded LTE checkpoint to ONNX (lte SparseFFN nodes with function bodies)."""
     from lte_convert.exporters.onnx_export import export_checkpoint
 
+    click.echo(f"[lte] exporting {checkpoint} -> {out} ({dtype}): loading, tracing, writing",
+               err=True)
     t0 = time.time()
     kwargs = {} if external_data_threshold is None else {
         "external_data_threshold": external_data_threshold}

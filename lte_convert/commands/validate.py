@@ -37,6 +37,8 @@ def validate(onnx_file, reference, n, seq_len, data, atol, rtol, max_flip_rate, 
     if engine is not None:
         from lte_convert.trt_plugins.runner import EngineRunner
         backend = EngineRunner(engine)
+    click.echo(f"[lte] validating {onnx_file} against {reference}: loading both, running "
+               "prefill and decode", err=True)
     r = run_validation(onnx_file, reference, n=n, seq_len=seq_len, data=list(data) or None,
                        atol=atol, rtol=rtol, max_flip_rate=max_flip_rate, backend=backend,
                        report_path=report, trust_remote_code=trust_remote_code)
