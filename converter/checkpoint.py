@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from lte_convert.converter.adapters import blocks, get_adapter
 from lte_convert.atomic import atomic_path
 from lte_convert.errors import UserError
-from lte_convert.loading import check_remote_code
+from lte_convert.loading import check_remote_code, check_safetensors
 from lte_convert.converter.surgery import lte_modules, wrap_model
 
 FORMAT = "lte-convert-checkpoint"
@@ -278,6 +278,7 @@ def load_lte_model(path, dtype=None, device="cpu", trust_remote_code: bool = Fal
                         "safetensors only (never pickled .bin files). Re-save the checkpoint.")
     if not (path / ROUTERS).is_file():
         raise UserError(f"{path} has no {ROUTERS}; the checkpoint is incomplete. Re-save it.")
+    check_safetensors(path)
     config = hf_config(path, trust_remote_code)
     kwargs = {"use_safetensors": True, "config": config}
     if dtype is not None:

@@ -18,11 +18,14 @@ PyTorch (transformers' generate on the LTE model), a `.onnx` file in ONNX Runtim
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lte_convert.errors import UserError
-from lte_convert.exporters.backends import Backend
+
+if TYPE_CHECKING:            # the backends import onnx and torch: not needed to check input
+    from lte_convert.exporters.backends import Backend
 
 
 def greedy_generate(backend: Backend, layout: list[tuple[int, int]] | None,
@@ -97,29 +100,45 @@ def generate(backend: Backend, layout: list[tuple[int, int]] | None, input_ids: 
 # ---------------------------------------------------------------------------------------------
 # lte-convert generate
 # ---------------------------------------------------------------------------------------------
-def _tokenizer(source: Path, tokenizer):
+def _tokenizer(source: Path, tokenizer, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     folder = Path(tokenizer) if tokenizer else (
         source if source.is_dir() else source.with_name(source.stem + "-lte"))
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"No tokenizer for {source} in {folder} ({e}). Pass --tokenizer with "
                         "the LTE checkpoint folder the file was exported from (or any folder "
                         "holding its tokenizer files).") from None
 
 
-def generate_text(source, prompt: str, *, max_new_tokens: int = 40, sample: bool = False,
-                  temperature: float = 0.8, top_k: int = 50, seed: int = 0,
-                  tokenizer=None) -> str:
-    """The prompt's continuation from an LTE checkpoint (PyTorch) or an exported .onnx file
-    (ONNX Runtime): greedy, or sampled with temperature and top-k from `seed`."""
-    source = Path(source)
+def check_source(source: Path) -> None:
+    """UserError unless `source` is an LTE checkpoint folder or a .onnx file (cheap: reads
+    lte.json, not the weights)."""
     if not source.exists():
         raise UserError(f"{source} does not exist. Pass an LTE checkpoint folder (from "
                         "`lte-convert train`) or a .onnx file (from `lte-convert export`).")
-    tok = _tokenizer(source, tokenizer)
+    if source.is_dir():
+        from lte_convert.converter.checkpoint import read_lte_info
+
+        read_lte_info(source)
+    elif source.suffix != ".onnx":
+        raise UserError(f"{source} is neither an LTE checkpoint folder nor a .onnx file. Pass "
+                        "the folder written by `lte-convert train` or the file written by "
+                        "`lte-convert export`.")
+
+
+def generate_text(source, prompt: str, *, max_new_tokens: int = 40, sample: bool = False,
+                  temperature: float = 0.8, top_k: int = 50, seed: int = 0,
+                  tokenizer=None, trust_remote_code: bool = False) -> str:
+    """The prompt's continuation from an LTE checkpoint (PyTorch) or an exported .onnx file
+    (ONNX Runtime): greedy, or sampled with temperature and top-k from `seed`."""
+    source = Path(source)
+    check_source(source)
+    if not prompt.strip():
+        raise UserError("The prompt is empty; pass some text with --prompt.")
+    tok = _tokenizer(source, tokenizer, trust_remote_code)
     ids = np.asarray([tok(prompt).input_ids], np.int64)
     if ids.shape[1] == 0:
         raise UserError("The prompt is empty after tokenization; pass some text with --prompt.")
@@ -129,7 +148,7 @@ def generate_text(source, prompt: str, *, max_new_tokens: int = 40, sample: bool
 
         from lte_convert.converter.checkpoint import load_lte_model
 
-        model, _ = load_lte_model(source)
+        model, _ = load_lte_model(source, trust_remote_code=trust_remote_code)
         torch.manual_seed(seed)
         args = dict(do_sample=True, temperature=temperature, top_k=top_k) if sample else dict(
             do_sample=False)

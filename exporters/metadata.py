@@ -12,7 +12,8 @@
     lte.model_type, lte.num_layers, lte.hidden_size, lte.vocab_size
     lte.dtype             float32 | float16 | bfloat16
     lte.kv_cache          "1" | "0"
-    lte.checkpoint_sha256 digest of the checkpoint's lte.json + routers (to match a reference)
+    lte.checkpoint_sha256 digest of the checkpoint's lte.json, routers and weights (to match a
+                          reference)
     lte.tool_version      lte-convert's version
 """
 from __future__ import annotations
@@ -26,8 +27,10 @@ FORMAT = "lte-onnx"
 FORMAT_VERSION = 1
 PREFIX = "lte."
 
-# files of an LTE checkpoint that identify it (converter/checkpoint.py writes them)
-FINGERPRINT_FILES = ("lte.json", "lte_routers.safetensors")
+# files of an LTE checkpoint that identify it (converter/checkpoint.py writes them): its LTE
+# data, routers and every weight (the FFNs' included), sharded or not
+FINGERPRINT_FILES = ("lte.json", "lte_routers.safetensors", "model.safetensors.index.json")
+WEIGHT_FILES = "model*.safetensors"
 
 
 def tool_version() -> str:
@@ -38,13 +41,16 @@ def tool_version() -> str:
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """sha256 over the checkpoint's LTE files ("" when it is not a folder with them)."""
+    """sha256 over the checkpoint's LTE files and weights ("" when it is not a folder with
+    them). Reads every weight once (about 1 GB/s)."""
+    path = Path(path)
     digest = hashlib.sha256()
     found = False
-    for name in FINGERPRINT_FILES:
-        f = Path(path) / name
+    files = [path / n for n in FINGERPRINT_FILES] + sorted(path.glob(WEIGHT_FILES))
+    for f in files:
         if f.is_file():
             found = True
+            digest.update(f.name.encode() + b"\0")
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     digest.update(chunk)

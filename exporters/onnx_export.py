@@ -3,7 +3,8 @@
     LTE checkpoint ─► load (dtype) ─► check it fits the dtype ─► wrap (KV cache or not)
         ─► torch.onnx.export(dynamo=True, opset 19, dynamic batch/seq axes)
         ─► count the lte nodes (a silent fallback exporter drops them) ─► attach the functions
-        ─► metadata ─► save atomically (external data past the threshold) ─► onnx.checker
+        ─► metadata ─► save to a temporary file (external data past the threshold)
+        ─► onnx.checker on it ─► rename onto --out (an existing --out only with overwrite)
 
 Every folded LTEFFN becomes router MatMul/Add → Greater(0) (a bool mask of static shape) →
 lte::SparseFFNUp → lte::SparseFFNDown (exporters/symbolic.py); the FFN weights are graph
@@ -25,7 +26,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from lte_convert.atomic import atomic_path
+from lte_convert.atomic import atomic_path, fsync
 from lte_convert.checks import check_writable
 from lte_convert.errors import UserError
 from lte_convert.exporters import functions, metadata, symbolic, wrappers
@@ -85,10 +86,11 @@ def _initializer_bytes(model: ir.Model) -> int:
 
 def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                 fingerprint: str = "") -> dict:
+                 fingerprint: str = "", overwrite: bool = False) -> dict:
     """Export a folded LTE model (in its current dtype) to `out`. Returns a summary dict.
 
-    kv_cache applies to decoders only (encoders never have one). External data is used when
+    An existing `out` is refused unless overwrite=True. kv_cache applies to decoders only
+    (encoders never have one). External data is used when
     the initializers exceed `external_data_threshold` bytes (at most EXTERNAL_DATA_THRESHOLD:
     a single ONNX file cannot exceed 2 GiB).
     """
@@ -104,7 +106,7 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
         raise UserError(f"The LTE FFNs of layers {not_folded} are not folded (mode "
                         f"{modules[0][1].mode!r}); only folded routers export to the sparse op. "
                         "Run `lte-convert fold CKPT` first, then export the folded checkpoint.")
-    check_writable(out)
+    check_writable(out, overwrite)
     dtype = model.dtype
     check_fits_dtype(model, dtype)
     kv_cache = kv_cache and wrappers.is_decoder(model)
@@ -141,32 +143,43 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
     external = size > min(external_data_threshold, EXTERNAL_DATA_THRESHOLD)
     with atomic_path(out) as tmp:
         program.save(tmp, external_data=external)
+        del program, graph
+        _check(tmp, out)
         tmp_data = data_path(tmp)
         if external:
             # the data goes in first: the .onnx that points at it appears last (on exit)
+            fsync(tmp_data)
             os.replace(tmp_data, data_path(out))
         elif tmp_data.exists():
             tmp_data.unlink()
     if not external and data_path(out).exists():
         data_path(out).unlink()        # a stale file from an earlier external-data export
-    del program, graph
-    onnx.checker.check_model(str(out))
     return {"path": str(out), "data_path": str(data_path(out)) if external else None,
             "bytes": size, "external_data": external, "kv_cache": kv_cache,
             "dtype": DTYPE_NAMES[dtype], "custom_nodes": counts, "metadata": props}
 
 
+def _check(tmp: Path, out: Path) -> None:
+    """onnx.checker on the written (temporary) file, before it is renamed to `out`."""
+    try:
+        onnx.checker.check_model(str(tmp))
+    except onnx.checker.ValidationError as e:
+        raise RuntimeError(f"The exported graph for {out} fails onnx.checker, so it was not "
+                           f"written: {e}") from e
+
+
 def export_checkpoint(ckpt, out, *, dtype: str = "fp32", kv_cache: bool = True,
-                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
+                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                      overwrite: bool = False, trust_remote_code: bool = False) -> dict:
     """`lte-convert export`: load an LTE checkpoint in `dtype` and export it."""
     from lte_convert.converter.checkpoint import load_lte_model
 
     ckpt = Path(ckpt)
     if dtype not in DTYPES:
         raise UserError(f"Unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
-    check_writable(Path(out))
-    model, info = load_lte_model(ckpt, dtype=DTYPES[dtype])
+    check_writable(Path(out), overwrite)
+    model, info = load_lte_model(ckpt, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     model.eval()
-    return export_model(model, out, info=info, kv_cache=kv_cache,
+    return export_model(model, out, info=info, kv_cache=kv_cache, overwrite=overwrite,
                         external_data_threshold=external_data_threshold,
                         fingerprint=metadata.checkpoint_fingerprint(ckpt))

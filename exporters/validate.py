@@ -128,12 +128,12 @@ def cache_layout(proto: onnx.ModelProto) -> list[tuple[int, int]]:
     return out
 
 
-def check_reference(meta: dict, ckpt) -> dict:
+def check_reference(meta: dict, ckpt, trust_remote_code: bool = False) -> dict:
     """The reference checkpoint's lte.json, after checking it is the model the file holds."""
     from lte_convert.converter.checkpoint import hf_config, read_lte_info
 
     info = read_lte_info(ckpt)
-    cfg = hf_config(ckpt).get_text_config()
+    cfg = hf_config(ckpt, trust_remote_code).get_text_config()
     theirs = {"model_type": info["model_type"], "expert_size": str(info["expert_size"]),
               "layers": info["layers"], "num_layers": str(cfg.num_hidden_layers),
               "hidden_size": str(cfg.hidden_size), "vocab_size": str(cfg.vocab_size)}
@@ -402,7 +402,8 @@ def default_report_path(onnx_path) -> Path:
 def validate(onnx_path, reference, *, n: int = 4, seq_len: int = 32, data=None,
              atol: float | None = None, rtol: float | None = None,
              max_flip_rate: float | None = None, decode_steps: int = 3,
-             backend: Backend | None = None, report_path=None, seed: int = 0) -> dict:
+             backend: Backend | None = None, report_path=None, seed: int = 0,
+             trust_remote_code: bool = False) -> dict:
     """Compare `backend` (default: ONNX Runtime on `onnx_path`) with PyTorch on `reference`.
 
     Returns the report (also written as JSON to `report_path`, default beside the file);
@@ -412,7 +413,7 @@ def validate(onnx_path, reference, *, n: int = 4, seq_len: int = 32, data=None,
 
     onnx_path = Path(onnx_path)
     proto, meta = open_lte_onnx(onnx_path)
-    check_reference(meta, reference)
+    check_reference(meta, reference, trust_remote_code)
     report_path = Path(report_path) if report_path else default_report_path(onnx_path)
     if backend is None:
         backend = OrtBackend(onnx_path, proto)
@@ -422,7 +423,8 @@ def validate(onnx_path, reference, *, n: int = 4, seq_len: int = 32, data=None,
     tol.update({k: v for k, v in (("atol", atol), ("rtol", rtol),
                                   ("max_flip_rate", max_flip_rate)) if v is not None})
 
-    model, _ = load_lte_model(reference, dtype=TORCH_DTYPES[meta["dtype"]])
+    model, _ = load_lte_model(reference, dtype=TORCH_DTYPES[meta["dtype"]],
+                              trust_remote_code=trust_remote_code)
     if upcast:
         model = model.float()
     kv = meta["kv_cache"] == "1"

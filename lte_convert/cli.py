@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "lte_convert.commands.eval:eval_",
     "export": "lte_convert.commands.export:export",
     "validate": "lte_convert.commands.validate:validate",
+    "generate": "lte_convert.commands.generate:generate",
     "build": "lte_convert.commands.build:build",
     "bench": "lte_convert.commands.bench:bench",
 }
@@ -62,7 +63,8 @@ def cli():
 
 
 def main(argv=None):
-    """Console entry point: user errors become one paragraph and exit code 2."""
+    """Console entry point: user errors become one paragraph and exit code 2 (3: the disk
+    is full)."""
     try:
         cli.main(args=argv, prog_name="lte-convert", standalone_mode=False)
     except UserError as e:
@@ -78,6 +80,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("Interrupted; the last checkpoint (if any) is kept. Use --resume to go on.", err=True)
         sys.exit(130)
+    except Exception as e:                 # OSError, torch's RuntimeError, SafetensorError, ...
+        from lte_convert.atomic import as_disk_full
+
+        full = as_disk_full(e)
+        if full is None:
+            raise
+        exit_with(full)
 
 
 if __name__ == "__main__":

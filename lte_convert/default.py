@@ -23,6 +23,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 from lte_convert.atomic import atomic_path
@@ -68,9 +69,10 @@ def _cached(name: str, build) -> Path:
         return final
     with _lock(name):
         if not (final / "config.json").is_file():
+            print(f"[lte] preparing the embedded model once: {final} (later runs reuse it)",
+                  file=sys.stderr, flush=True)
             with atomic_path(final, is_dir=True) as tmp:
                 build(tmp)
-                tmp.chmod(0o755)
     return final
 
 

@@ -3,11 +3,14 @@ the (model, tokenizer, task) triple. Below the rooms: imports no lte_convert roo
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
-import torch
-
 from lte_convert.errors import UserError
+
+# files any transformers tokenizer is saved as (fast, sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer_config.json")
 
 
 def check_model_dir(model_dir) -> Path:
@@ -21,6 +24,38 @@ def check_model_dir(model_dir) -> Path:
                         "Pass the folder that `save_pretrained` wrote (config.json, "
                         "model.safetensors, tokenizer files).")
     return path
+
+
+def check_model_files(path: Path) -> None:
+    """The tokenizer files are there and the safetensors files are whole (headers only)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                        "lte-convert needs the model's tokenizer to read the text. Save it "
+                        "beside the weights: AutoTokenizer.from_pretrained(<the model's "
+                        f"name>).save_pretrained('{path}').")
+    check_safetensors(path)
+
+
+def check_safetensors(folder) -> None:
+    """UserError when a *.safetensors file in `folder` is truncated or not safetensors: its
+    header is read (not the weights) and the tensors must end inside the file."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > min(size - 8, 100 << 20):
+                    raise ValueError(f"a header of {n} bytes")
+                header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}); it is damaged or "
+                            "was not written completely. Copy or save it again.") from None
+        if 8 + n + end > size:
+            raise UserError(f"{f} is truncated: {size} bytes, but its tensors end at byte "
+                            f"{8 + n + end}. It was not copied or saved completely; copy or save "
+                            "it again.")
 
 
 def check_remote_code(folder, trust_remote_code: bool) -> dict:
@@ -43,8 +78,10 @@ def check_remote_code(folder, trust_remote_code: bool) -> dict:
     return config
 
 
-def load_lm(model_dir, trust_remote_code: bool = False, dtype=torch.float32):
-    """(model, tokenizer, task) with task "clm" or "mlm"; UserError for what cannot train."""
+def load_lm(model_dir, trust_remote_code: bool = False, dtype=None):
+    """(model, tokenizer, task) with task "clm" or "mlm"; UserError for what cannot train.
+    dtype: the weights' (default float32)."""
+    import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
                               AutoTokenizer)
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -68,8 +105,9 @@ def load_lm(model_dir, trust_remote_code: bool = False, dtype=torch.float32):
         raise UserError(f"{path} holds {kind} (architectures={archs}); LTE training needs a "
                         "task loss: a causal-LM model (…ForCausalLM) or a masked-LM model "
                         "(…ForMaskedLM). Use a checkpoint with such a head.")
+    check_model_files(path)
     try:
-        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True,
+        model = cls.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
                                     trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:

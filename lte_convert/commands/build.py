@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import click
 
+from lte_convert.commands.options import source_literals
 from lte_convert.errors import UserError
-from lte_convert.trt_plugins import builder
+
+DEFAULT_DIMS = source_literals("lte_convert.trt_plugins.builder")["DEFAULT_DIMS"]
+
+
+def _parse_range(value, name):
+    from lte_convert.trt_plugins import builder
+
+    return builder.parse_range(value, name)
 
 
 def _range(name):
     def convert(ctx, param, value):
-        return None if value is None else builder.parse_range(value, f"--{name}")
+        return None if value is None else _parse_range(value, f"--{name}")
     return convert
 
 
@@ -20,7 +28,7 @@ def _dims(ctx, param, values):
         name, sep, rng = v.partition("=")
         if not sep or not name:
             raise UserError(f"--dim {v!r} must look like NAME=MIN:OPT:MAX (e.g. past_seq=0:128:1024).")
-        out[name] = builder.parse_range(rng, f"--dim {name}")
+        out[name] = _parse_range(rng, f"--dim {name}")
     return out
 
 
@@ -29,13 +37,13 @@ def _dims(ctx, param, values):
 @click.option("--engine", "engine", required=True, type=click.Path(dir_okay=False),
               help="Where to write the TensorRT engine (.plan).")
 @click.option("--batch", callback=_range("batch"), metavar="MIN:OPT:MAX",
-              help=f"Batch range [default {':'.join(map(str, builder.DEFAULT_DIMS['batch']))}].")
+              help=f"Batch range [default {':'.join(map(str, DEFAULT_DIMS['batch']))}].")
 @click.option("--seq", callback=_range("seq"), metavar="MIN:OPT:MAX",
               help="New tokens per step [default "
-                   f"{':'.join(map(str, builder.DEFAULT_DIMS['seq']))}]; use 1:1:N for decoding.")
+                   f"{':'.join(map(str, DEFAULT_DIMS['seq']))}]; use 1:1:N for decoding.")
 @click.option("--past", callback=_range("past"), metavar="MIN:OPT:MAX",
               help="KV-cache length [default "
-                   f"{':'.join(map(str, builder.DEFAULT_DIMS['past_seq']))}].")
+                   f"{':'.join(map(str, DEFAULT_DIMS['past_seq']))}].")
 @click.option("--dim", "dims", multiple=True, callback=_dims, metavar="NAME=MIN:OPT:MAX",
               help="Range of any other named dynamic dim of the ONNX inputs (repeatable).")
 @click.option("--allow-dense", is_flag=True,
@@ -54,6 +62,8 @@ def build(onnx_file, engine, batch, seq, past, dims, allow_dense, workspace, ove
     NVIDIA GPU of compute capability >= 8.0; the engine is for that GPU model.
     One optimisation profile covers --batch, --seq and --past (and --dim ranges).
     """
+    from lte_convert.trt_plugins import builder
+
     ranges = dict(dims)
     for name, r in (("batch", batch), ("seq", seq), ("past_seq", past)):
         if r is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lte_convert.commands.options import DTYPE_CHOICE, threshold_option
+from lte_convert.commands.options import DTYPE_CHOICE, threshold_option, trust_option
 
 
 @click.command()
@@ -18,14 +18,21 @@ from lte_convert.commands.options import DTYPE_CHOICE, threshold_option
 @click.option("--no-kv-cache", is_flag=True,
               help="Decoders: export input_ids/attention_mask -> logits only, without the "
                    "past_key_values/present inputs and outputs.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @threshold_option
-def export(checkpoint, out, dtype, no_kv_cache, external_data_threshold):
+@trust_option
+def export(checkpoint, out, dtype, no_kv_cache, overwrite, external_data_threshold,
+           trust_remote_code):
     """Export a folded LTE checkpoint to ONNX (lte SparseFFN nodes with function bodies)."""
     from lte_convert.exporters.onnx_export import export_checkpoint
 
+    click.echo(f"[lte] exporting {checkpoint} -> {out} ({dtype}): loading, tracing, writing",
+               err=True)
     t0 = time.time()
+    kwargs = {} if external_data_threshold is None else {
+        "external_data_threshold": external_data_threshold}
     r = export_checkpoint(checkpoint, out, dtype=dtype, kv_cache=not no_kv_cache,
-                          external_data_threshold=external_data_threshold)
+                          overwrite=overwrite, trust_remote_code=trust_remote_code, **kwargs)
     _print_export(r, time.time() - t0)
 
 

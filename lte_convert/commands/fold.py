@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from lte_convert.commands.options import trust_option
 from lte_convert.commands.train import summary
 
 
@@ -22,7 +23,9 @@ from lte_convert.commands.train import summary
               help="Blocks (evenly spread over --data) used to calibrate.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def fold(checkpoint, sparsity, out, data, block_size, calib_blocks, text_field, overwrite):
+@trust_option
+def fold(checkpoint, sparsity, out, data, block_size, calib_blocks, text_field, overwrite,
+         trust_remote_code):
     """Re-target an LTE checkpoint to another sparsity, without training.
 
     \b
@@ -33,12 +36,13 @@ def fold(checkpoint, sparsity, out, data, block_size, calib_blocks, text_field, 
     """
     summary(fold_checkpoint(checkpoint, out, sparsity, list(data) or None,
                             block_size=block_size, calib_blocks=calib_blocks,
-                            text_field=text_field, overwrite=overwrite))
+                            text_field=text_field, overwrite=overwrite,
+                            trust_remote_code=trust_remote_code))
 
 
 def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 128,
                     calib_blocks: int = 32, text_field: str = "text",
-                    overwrite: bool = False):
+                    overwrite: bool = False, trust_remote_code: bool = False):
     """Re-target an LTE checkpoint to `sparsity` (calibrate δ, fold, save); returns `out`."""
     from transformers import AutoTokenizer
 
@@ -51,8 +55,8 @@ def fold_checkpoint(ckpt, out, sparsity: float, data=None, *, block_size: int = 
     check_sparsity(sparsity)
     out = Path(out)
     check_output_dir(out, overwrite)
-    model, info = load_lte_model(ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model, info = load_lte_model(ckpt, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
     blocks = heldout_blocks(tokenizer, data, block_size, calib_blocks, text_field=text_field,
                             purpose="calibration")
     task = info.get("task", "clm")

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
-from lte_convert.converter.train import TrainConfig
+from lte_convert.commands.options import source_literals, trust_option
 
-_D = TrainConfig()
+# TrainConfig's defaults, read from converter/train.py without importing torch
+TRAIN_DEFAULTS = _D = SimpleNamespace(**source_literals("lte_convert.converter.train",
+                                                        "TrainConfig"))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,15 +29,15 @@ _D = TrainConfig()
                    "model's measured held-out sparsity is within ±0.02 of it.")
 @click.option("--expert-size", type=int, default=_D.expert_size, show_default=True,
               help="Neurons per expert (the paper uses 32).")
-@click.option("--block-size", type=int, default=_D.block_size, show_default=True,
+@click.option("--block-size", type=click.IntRange(min=2), default=_D.block_size, show_default=True,
               help="Tokens per training sequence.")
-@click.option("--batch-size", type=int, default=_D.batch_size, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True,
               help="Sequences per step and process.")
-@click.option("--grad-accum", type=int, default=_D.grad_accum, show_default=True,
+@click.option("--grad-accum", type=click.IntRange(min=1), default=_D.grad_accum, show_default=True,
               help="Gradient accumulation steps.")
-@click.option("--stage1-steps", type=int, default=_D.stage1_steps, show_default=True,
+@click.option("--stage1-steps", type=click.IntRange(min=0), default=_D.stage1_steps, show_default=True,
               help="Optimizer steps of stage 1 (soft routing, router losses).")
-@click.option("--stage2-steps", type=int, default=_D.stage2_steps, show_default=True,
+@click.option("--stage2-steps", type=click.IntRange(min=0), default=_D.stage2_steps, show_default=True,
               help="Optimizer steps of stage 2 (hard masks, routers frozen).")
 @click.option("--lr", type=float, default=_D.lr, show_default=True,
               help="Learning rate of the model weights.")
@@ -67,7 +70,7 @@ _D = TrainConfig()
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               default=_D.precision, show_default=True,
               help="auto: bf16 (else fp16) on a CUDA GPU, fp32 on CPU.")
-@click.option("--save-steps", type=int, default=_D.save_steps, show_default=True,
+@click.option("--save-steps", type=click.IntRange(min=1), default=_D.save_steps, show_default=True,
               help="Save a resumable checkpoint every N steps (in OUT.lte-work/).")
 @click.option("--seed", type=int, default=_D.seed, show_default=True)
 @click.option("--text-field", default=_D.text_field, show_default=True,
@@ -77,8 +80,7 @@ _D = TrainConfig()
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--keep-checkpoints", is_flag=True,
               help="Keep OUT.lte-work/ (training checkpoints) after success.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow the model folder's own Python code (off by default).")
+@trust_option
 def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_size, grad_accum,
           stage1_steps, stage2_steps, lr, router_lr, distill, grouping, router_init, allocation,
           hold_sparsity, calibration, routers_only, precision, save_steps, seed, text_field,
@@ -101,7 +103,10 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
       lte-convert train ./my-llama --data corpus.jsonl --sparsity 0.6 --out my-llama-lte
       lte-convert train ./my-llama --data corpus.jsonl --out my-llama-lte --resume
     """
-    from lte_convert.converter.train import train_lte
+    check_train_inputs(model, out, sparsity=sparsity, expert_size=expert_size, lr=lr,
+                       router_lr=router_lr, resume=resume, overwrite=overwrite,
+                       trust_remote_code=trust_remote_code)
+    from lte_convert.converter.train import TrainConfig, train_lte
 
     cfg = TrainConfig(expert_size=expert_size, block_size=block_size, batch_size=batch_size,
                       grad_accum=grad_accum, stage1_steps=stage1_steps,
@@ -114,6 +119,25 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
                      config=cfg, resume=resume, overwrite=overwrite,
                      trust_remote_code=trust_remote_code)
     summary(path)
+
+
+def check_train_inputs(model, out, *, sparsity: float, expert_size: int, lr: float,
+                       router_lr: float, resume: bool, overwrite: bool,
+                       trust_remote_code: bool) -> None:
+    """Every option and path of a training run, checked before any model or data loads (a
+    config.json is read, nothing else)."""
+    from lte_convert.checks import check_expert_size, check_output_dir, check_rates, check_sparsity
+    from lte_convert.loading import check_model_dir, check_model_files, check_remote_code
+
+    check_sparsity(sparsity)
+    check_rates(lr=lr, router_lr=router_lr)
+    config = None
+    if model is not None:
+        path = check_model_dir(model)
+        config = check_remote_code(path, trust_remote_code)
+        check_model_files(path)
+    check_expert_size(expert_size, config)
+    check_output_dir(Path(out), overwrite or resume)
 
 
 def summary(path: Path):

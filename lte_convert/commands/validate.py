@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from lte_convert.commands.options import Failed
+from lte_convert.commands.options import Failed, trust_option
 
 
 @click.command()
@@ -28,8 +28,9 @@ from lte_convert.commands.options import Failed
                    "Runtime (needs TensorRT and a GPU).")
 @click.option("--report", type=click.Path(path_type=Path),
               help="JSON report path [default: <onnx stem>.validation.json beside the file].")
+@trust_option
 def validate(onnx_file, reference, n, seq_len, decode_steps, data, atol, rtol, max_flip_rate,
-             engine, report):
+             engine, report, trust_remote_code):
     """Compare ONNX Runtime (or a TensorRT engine) with PyTorch; exit 1 when out of tolerance."""
     from lte_convert.exporters.validate import format_table
     from lte_convert.exporters.validate import validate as run_validation
@@ -38,10 +39,12 @@ def validate(onnx_file, reference, n, seq_len, decode_steps, data, atol, rtol, m
     if engine is not None:
         from lte_convert.trt_plugins.runner import EngineRunner
         backend = EngineRunner(engine)
+    click.echo(f"[lte] validating {onnx_file} against {reference}: loading both, running "
+               "prefill and decode", err=True)
     r = run_validation(onnx_file, reference, n=n, seq_len=seq_len, decode_steps=decode_steps,
                        data=list(data) or None,
                        atol=atol, rtol=rtol, max_flip_rate=max_flip_rate, backend=backend,
-                       report_path=report)
+                       report_path=report, trust_remote_code=trust_remote_code)
     click.echo(format_table(r))
     if not r["passed"]:
         raise Failed(f"validation failed; report in {r['report_path']}")

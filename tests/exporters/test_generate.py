@@ -108,3 +108,27 @@ def test_generate_text_without_a_tokenizer_says_which_to_pass(tried):
 
     with pytest.raises(UserError, match="Pass --tokenizer with the LTE checkpoint folder"):
         generate_text(tried / "plain.onnx", "hi")
+
+
+def test_generate_command_pytorch_and_onnx_runtime(tried, capsys):
+    """`lte-convert generate CKPT|model.onnx --prompt ...`: the same greedy text from both, a
+    sampled one from --sample --seed."""
+    from lte_convert.cli import main
+    from lte_convert.exporters.generate import generate_text
+
+    def run(*args):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", *map(str, args)])
+            raise SystemExit(0)
+        out = capsys.readouterr()
+        assert e.value.code == 0, out.err
+        return out.out.rstrip("\n")
+
+    prompt = "To be, or not to be"
+    greedy = run(tried / "kv-lte", "--prompt", prompt, "-n", 8)
+    assert greedy == generate_text(tried / "kv-lte", prompt, max_new_tokens=8)
+    assert run(tried / "kv.onnx", "--prompt", prompt, "-n", 8) == greedy
+    sampled = run(tried / "kv.onnx", "--prompt", prompt, "-n", 8, "--sample", "--temperature",
+                  2.0, "--seed", 1)
+    assert sampled == generate_text(tried / "kv.onnx", prompt, max_new_tokens=8, sample=True,
+                                    temperature=2.0, seed=1)

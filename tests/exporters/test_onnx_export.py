@@ -120,7 +120,7 @@ def test_external_data(checkpoints, tmp_path):
     assert inline == [] and data_path(out).stat().st_size >= r["bytes"] * 0.9
     assert validate(out, checkpoints("llama"), n=2, seq_len=8)["passed"]
     # a later inline export to the same path leaves no stale data file behind
-    export_checkpoint(checkpoints("llama"), out, kv_cache=False)
+    export_checkpoint(checkpoints("llama"), out, kv_cache=False, overwrite=True)
     assert not data_path(out).exists()
 
 
@@ -182,3 +182,94 @@ def test_weights_are_the_checkpoints(checkpoints, exported):
         np.testing.assert_array_equal(inits[up.input[3]], ffn.w_up.detach().numpy())
         np.testing.assert_array_equal(inits[up.input[5]], ffn.b_up.detach().numpy())
         np.testing.assert_array_equal(inits[down.input[2]], ffn.w_down_t.detach().numpy())
+
+
+def _hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_existing_output_is_refused_without_overwrite(checkpoints, tmp_path):
+    out = tmp_path / "notes.onnx"
+    out.write_text("my notes, not ONNX")
+    with pytest.raises(UserError, match="exists.*--overwrite"):
+        export_checkpoint(checkpoints("llama"), out)
+    assert out.read_text() == "my notes, not ONNX"
+    export_checkpoint(checkpoints("llama"), out, overwrite=True, kv_cache=False)
+    onnx.checker.check_model(str(out))
+
+
+def test_a_file_failing_the_checker_never_reaches_the_output(checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+    checked = []
+
+    def check_model(path, *args, **kwargs):
+        checked.append(path)
+        raise onnx.checker.ValidationError("Nodes in a graph must be topologically sorted")
+
+    monkeypatch.setattr(onnx.checker, "check_model", check_model)
+    with pytest.raises(RuntimeError, match="fails onnx.checker.*topologically"):
+        export_checkpoint(checkpoints("llama"), out, overwrite=True, external_data_threshold=1024)
+    assert checked and checked[0] != str(out)                  # the temporary file was checked
+    assert out.read_bytes() == b"the previous export" and not data_path(out).exists()
+    assert _hidden(tmp_path) == []
+
+
+def test_kill_9_during_export_is_cleaned_by_the_next_run(checkpoints, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "model.onnx"
+    code = ("import os, signal, sys, onnx\n"
+            "from lte_convert.exporters.onnx_export import export_checkpoint\n"
+            "onnx.checker.check_model = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "export_checkpoint(sys.argv[1], sys.argv[2], external_data_threshold=1024)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(checkpoints("llama")), str(out)],
+                       cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    (left,) = _hidden(tmp_path)                                # the .onnx and its .data
+    assert sorted(os.listdir(tmp_path / left)) == ["model.onnx", "model.onnx.data"]
+    assert not out.exists()
+    export_checkpoint(checkpoints("llama"), out, kv_cache=False)
+    assert _hidden(tmp_path) == [] and os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_a_full_disk_leaves_nothing(checkpoints, small_disk, tmp_path):
+    from lte_convert.errors import DiskFull
+
+    disk = small_disk("1m")
+    (disk / "other-files").write_bytes(b"\0" * (700 << 10))   # ~300 KB free: the file needs 800
+    for threshold in (onnx_export_threshold(), 1024):
+        with pytest.raises(DiskFull, match="disk is full.*model.onnx"):
+            export_checkpoint(checkpoints("llama"), disk / "model.onnx",
+                              external_data_threshold=threshold)
+        assert sorted(p.name for p in disk.iterdir()) == ["other-files"]
+
+
+def onnx_export_threshold():
+    from lte_convert.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
+
+    return EXTERNAL_DATA_THRESHOLD
+
+
+def test_the_fingerprint_covers_the_ffn_weights(checkpoints, exported, tmp_path):
+    """A checkpoint equal in lte.json and routers but with one FFN weight changed is not the
+    reference of a file exported from the original."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(checkpoints("llama"), other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(k for k in weights if "mlp.down_proj.weight" in k)
+    weights[name][0, 0] += 1.0
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert metadata.checkpoint_fingerprint(other) != metadata.checkpoint_fingerprint(
+        checkpoints("llama"))
+    with pytest.raises(UserError, match="exported from a different checkpoint"):
+        validate(exported("llama", True)["path"], other, n=1, seq_len=4)
