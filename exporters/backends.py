@@ -151,7 +151,8 @@ class OrtBackend:
 class TorchBackend:
     """The PyTorch model on the same feeds. Hooks record each LTE FFN's mask, input and
     output; `run(feeds, force=masks)` makes every LTE FFN compute exactly the experts of
-    `masks` (one bool array per LTE FFN, in order) instead of its router's choice."""
+    `masks` (one bool array per LTE FFN, in order) instead of its router's choice. The hooks
+    live only during `run`: the model is left as it was."""
 
     name = "pytorch"
 
@@ -165,10 +166,15 @@ class TorchBackend:
         self.modules = [m for _, m in lte_modules(model)]
         self._probes: dict = {}
         self._force = None
+
+    def _hook(self) -> list:
+        handles = []
         for k, m in enumerate(self.modules):
-            m.router.register_forward_hook(lambda mod, args, z, k=k: self._route(k, args[0], z))
-            m.register_forward_hook(
-                lambda mod, args, y, k=k: self._probes.__setitem__(FFN_PREFIX + str(k), y))
+            handles.append(m.router.register_forward_hook(
+                lambda mod, args, z, k=k: self._route(k, args[0], z)))
+            handles.append(m.register_forward_hook(
+                lambda mod, args, y, k=k: self._probes.__setitem__(FFN_PREFIX + str(k), y)))
+        return handles
 
     def _route(self, k, x, z):
         """Record the router's input and decision; with `force`, replace the decision."""
@@ -199,10 +205,13 @@ class TorchBackend:
                      self._t(feeds[f"past_key_values.{i}.value"], self.model.dtype))
                     for i in range(n)]
             kw[self.cache_kwarg] = DynamicCache(past) if past[0][0].shape[2] else DynamicCache()
+        handles = self._hook()
         try:
             out = self.model(**kw)
         finally:
             self._force = None
+            for h in handles:
+                h.remove()
         res = {"logits": out.logits.float().cpu().numpy()}
         if self.kv_cache:
             for i, layer in enumerate(wrappers.output_cache(out).layers):
