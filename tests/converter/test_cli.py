@@ -98,3 +98,5 @@ def test_train_to_a_full_disk_exits_3_with_nothing_half_written(tmp_path, capsys
     err = " ".join(capsys.readouterr().err.split())
     assert e.value.code == 3 and "disk is full" in err and "Traceback" not in err, err
     assert not out.exists()
+    stage1 = disk / "o.lte-work" / "stage1-final"            # never a folder without weights
+    assert not stage1.exists() or (stage1 / "model.safetensors").is_file()
