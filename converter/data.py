@@ -132,7 +132,9 @@ def pack(tokenizer, docs: list[str], block_size: int) -> torch.Tensor:
     """[N, block_size] int64: the documents' tokens joined by EOS, cut into blocks."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     ids: list[int] = []
-    enc = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    # verbose=False: a document longer than the model's context is expected here (it is cut
+    # into blocks), so the tokenizer's "sequence length is longer" warning is noise
+    enc = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
     for d in enc:
         ids.extend(d)
         if eos is not None:

@@ -16,7 +16,7 @@ class CharTokenizer:
     eos_token_id = 0
     sep_token_id = None
 
-    def __call__(self, docs, add_special_tokens=False):
+    def __call__(self, docs, add_special_tokens=False, verbose=True):
         return {"input_ids": [[1 + ord(c) % 99 for c in d] for d in docs]}
 
 
