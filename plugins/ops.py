@@ -9,7 +9,7 @@
 Semantics and layout: plugins/spec.py (reference: plugins/reference.py). Gated when w_gate
 is given. Each op has a fake (meta) kernel for torch.compile / export, a CPU kernel
 (plugins/cpu.py, which skips the inactive experts' weights) and a CUDA kernel
-(plugins/triton_kernels.py, imported only when a CUDA tensor arrives, so a CPU-only install
+(plugins/triton_dispatch.py, imported only when a CUDA tensor arrives, so a CPU-only install
 without Triton imports this module fine). Every kernel validates its inputs with
 spec.check_inputs first, so a bad input is a ValueError naming the expected and actual
 values, never a wrong answer or a crash inside a kernel.
@@ -75,13 +75,13 @@ def _check(x, mask, w_gate, w_up, w_down_t, b_gate, b_up, b_down, expert_size, a
 
 
 def _triton():
-    """plugins.triton_kernels, imported on the first CUDA call only."""
+    """plugins.triton_dispatch, imported on the first CUDA call only."""
     try:
-        from lte_convert.plugins import triton_kernels
+        from lte_convert.plugins import triton_dispatch
     except ImportError as e:
         raise RuntimeError(f"lte.SparseFFN on CUDA needs Triton, which failed to import ({e}); "
                            "install it with `pip install 'lte-convert[gpu]'`.") from e
-    return triton_kernels
+    return triton_dispatch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
    CUDA-graph check changes the mask in place between replays (the mask is read on device).
 3. Timings (median of CUDA-event timed repeats, weights rotated over several layers so the
    L2 cache does not flatter small shapes): dense PyTorch (cuBLAS, HF layout) against
-   `plugins.triton_kernels.sparse_ffn`, eager and as CUDA-graph replays, for LLaMA2-7B
+   `plugins.triton_dispatch.sparse_ffn`, eager and as CUDA-graph replays, for LLaMA2-7B
    (4096/11008) and SmolLM2-135M (576/1536) in bf16, T = 1, 4, 16, 64, 256, 2048 tokens,
    sparsity 0, 0.25, 0.5, 0.75, 0.9 (per-token random masks with exactly (1-sparsity)·E
    experts each; W_gate and W_up paired in one storage as a folded LTEFFN holds them). For
@@ -56,9 +56,10 @@ except Exception as e:  # a broken sibling module must not cost the one GPU run
     stub = types.ModuleType("lte_convert.plugins")
     stub.__path__ = [str(Path(__file__).resolve().parents[1] / "plugins")]
     sys.modules["lte_convert.plugins"] = stub
+from lte_convert.plugins import triton_dispatch as td  # noqa: E402
 from lte_convert.plugins import triton_kernels as tk  # noqa: E402
 from lte_convert.plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference  # noqa: E402
-from lte_convert.plugins.triton_kernels import LaunchConfig  # noqa: E402
+from lte_convert.plugins.triton_configs import LaunchConfig, compact_piece, launch_config  # noqa: E402
 
 SHAPES = {  # name: (d, F, expert_size, layers rotated in timings)
     "llama2-7b": (4096, 11008, 32, 4),
@@ -117,7 +118,7 @@ OLD_DOWN_T1 = LaunchConfig("down", 1, 512, 16, 8)
 def make_config(op, v, Fdim, s):
     """LaunchConfig from a variant tuple; a compact entry "c" becomes compact_piece(...)."""
     if len(v) == 6 and v[5] == "c":
-        v = v[:5] + (tk.compact_piece(Fdim, s, v[1]),)
+        v = v[:5] + (compact_piece(Fdim, s, v[1]),)
     return LaunchConfig(op, *v)
 
 
@@ -230,13 +231,13 @@ def dense_ffn(x, w_gate, w_up, w_down):
 
 def sparse_fn(x, mask, w, s, up_cfg=None, down_cfg=None, kernels_only=False):
     if up_cfg is None and down_cfg is None and not kernels_only:
-        return lambda: tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None,
+        return lambda: td.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None,
                                      None, expert_size=s, activation="silu")
 
     def run():
-        h = tk.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], None, None, expert_size=s,
+        h = td.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], None, None, expert_size=s,
                              activation="silu", gated=True, config=up_cfg)
-        return tk.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=down_cfg)
+        return td.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=down_cfg)
     return run
 
 
@@ -267,7 +268,7 @@ def raw_launches(x, mask, w, s):
     allocations. run() returns y."""
     T, d = x.shape
     Fdim = w["w_up"].shape[0]
-    up, down = (tk.launch_config(op, T, d, Fdim, s, x.dtype) for op in ("up", "down"))
+    up, down = (launch_config(op, T, d, Fdim, s, x.dtype) for op in ("up", "down"))
     m, h, y = mask.view(torch.uint8), x.new_empty(T, Fdim), x.new_empty(T, d)
 
     def run():
@@ -294,7 +295,7 @@ def overhead(rows):
              "dense (3 cuBLAS GEMMs, silu, mul)": lambda: dense_ffn(x, w["w_gate"], w["w_up"],
                                                                      w_down),
              "raw Triton launches (up + down, args precomputed)": raw_launches(x, mask, w, s),
-             "triton_kernels.sparse_ffn (our launchers)": sparse_fn(x, mask, w, s)}
+             "triton_dispatch.sparse_ffn (our launchers)": sparse_fn(x, mask, w, s)}
     if OPS_ERROR is None:
         args = (x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None, s, "silu")
         calls["torch.ops.lte.sparse_ffn"] = lambda: torch.ops.lte.sparse_ffn(*args)
@@ -354,14 +355,14 @@ def check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed, up_cfg=None, d
     x = torch.randn(T, d, generator=g, device=DEV).to(dtype)
     mask = kind_mask(kind, T, Fdim // s, seed)
     h = torch.full((T, Fdim), float("nan"), dtype=dtype, device=DEV)
-    tk.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], w["b_gate"], w["b_up"], expert_size=s,
+    td.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], w["b_gate"], w["b_up"], expert_size=s,
                      activation=act, gated=gated, config=up_cfg, out=h)
     h_ref = sparse_ffn_up_reference(x, mask, w["w_gate"], w["w_up"], w["b_gate"], w["b_up"],
                                     s, act, gated)
     # down on an h with values where the mask is off too (it must ignore them)
     h_in = torch.randn(T, Fdim, generator=g, device=DEV).to(dtype)
     y = torch.full((T, d), float("nan"), dtype=dtype, device=DEV)
-    tk.sparse_ffn_down(h_in, mask, w["w_down_t"], w["b_down"], expert_size=s, config=down_cfg,
+    td.sparse_ffn_down(h_in, mask, w["w_down_t"], w["b_down"], expert_size=s, config=down_cfg,
                        out=y)
     y_ref = sparse_ffn_down_reference(h_in, mask, w["w_down_t"], w["b_down"], s)
     skipped = ~mask.repeat_interleave(s, dim=1)
@@ -370,7 +371,7 @@ def check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed, up_cfg=None, d
            "y_rel": rel_err(y, y_ref) if kind != "off" or bias else
            (0.0 if (y == 0).all() else 1.0)}
     if up_cfg is None and down_cfg is None:
-        y_op = tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], w["b_gate"],
+        y_op = td.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], w["b_gate"],
                              w["b_up"], w["b_down"], expert_size=s, activation=act)
         y_op_ref = sparse_ffn_down_reference(h_ref, mask, w["w_down_t"], w["b_down"], s)
         res["op_rel"] = rel_err(y_op, y_op_ref) if kind != "off" or bias else 0.0
@@ -406,7 +407,7 @@ def graph_check():
     mask = kind_mask("per_token", 2, Fdim // s, 5)
 
     def fn():
-        return tk.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None,
+        return td.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None,
                              expert_size=s, activation="silu")
     fn()
     torch.cuda.synchronize()
@@ -478,7 +479,7 @@ def timings(rows):
 def down_check(h, mask, w, s, cfg):
     """Relative error of the down kernel with `cfg` (output NaN-poisoned first)."""
     y = torch.full((1, w["w_down_t"].shape[1]), float("nan"), dtype=h.dtype, device=DEV)
-    tk.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=cfg, out=y)
+    td.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=cfg, out=y)
     return rel_err(y, sparse_ffn_down_reference(h, mask, w["w_down_t"], None, s))
 
 
@@ -491,8 +492,8 @@ def compact(rows):
         ws = [weights(d, Fdim, seed=i) for i in range(layers)]
         w_down = [w["w_down_t"].t().contiguous() for w in ws]
         x = torch.randn(1, d, device=DEV).to(DTYPE)
-        new = tk.launch_config("down", 1, d, Fdim, s, DTYPE)
-        up = tk.launch_config("up", 1, d, Fdim, s, DTYPE)
+        new = launch_config("down", 1, d, Fdim, s, DTYPE)
+        up = launch_config("up", 1, d, Fdim, s, DTYPE)
         old = OLD_DOWN_T1
         dense = [lambda w=w, wd=wd: dense_ffn(x, w["w_gate"], w["w_up"], wd)
                  for w, wd in zip(ws, w_down)]
@@ -515,7 +516,7 @@ def compact(rows):
                 row[f"{name}_speedup_graph"] = dense_graph / row[f"{name}_graph_us"]
                 row[f"{name}_speedup_eager"] = dense_eager / row[f"{name}_eager_us"]
                 row[f"{name}_down_graph_us"] = time_graph(
-                    [lambda h=h, m=m, w=w, cfg=cfg: tk.sparse_ffn_down(
+                    [lambda h=h, m=m, w=w, cfg=cfg: td.sparse_ffn_down(
                         h, m, w["w_down_t"], None, expert_size=s, config=cfg)
                      for h, m, w in zip(hs, masks, ws)])
             rows.append(row)
@@ -554,8 +555,8 @@ def tune(out, quick=False):
         active_rows = sum(m.any(0).sum().item() for m in masks) * s / layers
         up_bytes = 2 * active_rows * d * 2
         down_bytes = active_rows * d * 2
-        default_up = tk.launch_config("up", T, d, Fdim, s)
-        default_down = tk.launch_config("down", T, d, Fdim, s)
+        default_up = launch_config("up", T, d, Fdim, s)
+        default_down = launch_config("down", T, d, Fdim, s)
         for op, variants, default in (("up", ups, default_up), ("down", downs, default_down)):
             cfgs = [default] + [make_config(op, v, Fdim, s) for v in variants]
             for cfg in dict.fromkeys(cfgs):
@@ -569,12 +570,12 @@ def tune(out, quick=False):
                                     down_cfg=cfg if op == "down" else None)
                     rec["ok"] = chk["ok"]
                     if op == "up":
-                        fns = [lambda m=m, w=w, cfg=cfg: tk.sparse_ffn_up(
+                        fns = [lambda m=m, w=w, cfg=cfg: td.sparse_ffn_up(
                             x, m, w["w_gate"], w["w_up"], None, None, expert_size=s,
                             activation="silu", gated=True, config=cfg) for m, w in zip(masks, ws)]
                         nbytes = up_bytes
                     else:
-                        fns = [lambda m=m, w=w, h=h, cfg=cfg: tk.sparse_ffn_down(
+                        fns = [lambda m=m, w=w, h=h, cfg=cfg: td.sparse_ffn_down(
                             h, m, w["w_down_t"], None, expert_size=s, config=cfg)
                             for m, w, h in zip(masks, ws, hs)]
                         nbytes = down_bytes

@@ -8,7 +8,8 @@ combination and tactic, one kernel as PTX plus how to launch it:
 and calls it as  kernel(<input pointers>, <int32 scalars>, <output pointers>, <hidden>)
 where <hidden> are the scratch pointers Triton >= 3.3 appends to every kernel; TensorRT
 passes null for them, so a kernel must need no scratch memory. This module computes all of
-that as plain data (a `Launch`) from the one kernel source, plugins/triton_kernels.py:
+that as plain data (a `Launch`) from the one kernel source, plugins/triton_kernels.py
+(launch configurations: plugins/triton_configs.py):
 
     launch_configs (plugins)  ──►  constexprs, num_warps, num_stages, grid (one per tactic)
     triton.compile(ASTSource, GPUTarget("cuda", arch, 32))  ──►  PTX + metadata
@@ -294,15 +295,15 @@ def _torch_dtype(dtype: str):
 
 @functools.lru_cache(maxsize=None)
 def configs(op: str, *, d: int, F: int, expert_size: int, dtype: str) -> tuple:
-    """The distinct LaunchConfigs plugins.triton_kernels.launch_config picks for any T.
+    """The distinct LaunchConfigs plugins.triton_configs.launch_config picks for any T.
 
     Each is correct for every T (it only changes speed), so each is one TensorRT tactic:
     tactic i (1-based, TensorRT wants positive ids) is configs(...)[i - 1], and TensorRT
     times them at the profile's opt shape and keeps the fastest.
     """
-    from lte_convert.plugins import triton_kernels as tk
+    from lte_convert.plugins.triton_configs import launch_configs
 
-    return tuple(tk.launch_configs(_KERNEL_OP[op], d, F, expert_size, _torch_dtype(dtype)))
+    return tuple(launch_configs(_KERNEL_OP[op], d, F, expert_size, _torch_dtype(dtype)))
 
 
 def tactics(op: str, *, arch: int, dtype: str, d: int, F: int, expert_size: int,

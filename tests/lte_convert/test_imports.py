@@ -13,6 +13,8 @@ graph has no cycles (a lazy import counts: it is still a cycle a reader has to u
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,3 +157,23 @@ def test_the_checks_see_a_wrong_direction_and_a_cycle():
     g["lte_convert.converter.calibrate"] = g["lte_convert.converter.calibrate"] | {
         "lte_convert.converter.train"}
     assert cycles(g) == [["lte_convert.converter.calibrate", "lte_convert.converter.train"]]
+
+
+def test_a_cpu_only_install_imports_and_plans_without_triton():
+    """Triton is imported on the first CUDA call only: the op on CPU, the launch
+    configurations and the TensorRT tactics' configs work where Triton is not installed."""
+    snippet = (
+        "import sys; sys.modules['triton'] = None\n"      # as if Triton were not installed
+        "import torch, lte_convert.plugins\n"
+        "from lte_convert.plugins.triton_configs import launch_configs\n"
+        "from lte_convert.trt_plugins import aot\n"
+        "from lte_convert.plugins import spec\n"
+        "x, mask = torch.randn(2, 8), torch.ones(2, 2, dtype=torch.bool)\n"
+        "w = torch.randn(8, 8)\n"
+        "y = torch.ops.lte.sparse_ffn(x, mask, w, w, w, None, None, None, 4, 'silu')\n"
+        "print(tuple(y.shape), len(launch_configs('down', 4096, 11008, 32)),\n"
+        "      len(aot.configs(spec.OP_UP, d=4096, F=11008, expert_size=32, dtype='bf16')))\n")
+    r = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[:2] == ["(2,", "8)"] and int(r.stdout.split()[2]) >= 2

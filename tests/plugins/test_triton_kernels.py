@@ -1,4 +1,5 @@
-"""plugins/triton_kernels.py: the Triton kernels against the reference, on CPU.
+"""plugins/triton_kernels.py, triton_configs.py, triton_dispatch.py: the Triton kernels
+against the reference, on CPU.
 
 Triton decides interpreted-or-compiled when it is imported (TRITON_INTERPRET=1 must be set
 before `import triton`), so one process cannot do both, and setting it here would leak into
@@ -28,34 +29,14 @@ import torch  # noqa: E402
 
 from lte_convert.plugins.reference import (  # noqa: E402
     sparse_ffn_down_reference, sparse_ffn_reference, sparse_ffn_up_reference)
+from lte_convert.plugins.triton_configs import LaunchConfig, launch_config  # noqa: E402
+from tests.plugins.triton_problems import problem, rel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # Both sides accumulate in fp32 and round h and y once (plugins/spec.py), so in fp16 they
 # differ by about one rounding: the unit roundoff u = 2^-11 bounds the relative error.
 TOL = {"fp32": 1e-5, "fp16": 2.0 ** -11}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _rel(out, ref):
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _problem(T, d, F, s, gated, bias, dtype, masks, seed):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa: E731
-    E = F // s
-    mask = {"off": torch.zeros(T, E, dtype=torch.bool),
-            "on": torch.ones(T, E, dtype=torch.bool),
-            "one": torch.zeros(T, E, dtype=torch.bool).index_fill_(1, torch.tensor([E // 2]), True),
-            "per_token": torch.rand(T, E, generator=g) < 0.5}[masks]
-    return dict(x=r(T, d), mask=mask,
-                w_gate=r(F, d, scale=d ** -0.5) if gated else None, w_up=r(F, d, scale=d ** -0.5),
-                w_down_t=r(F, d, scale=F ** -0.5),
-                b_gate=r(F) if gated and bias else None, b_up=r(F) if bias else None,
-                b_down=r(d) if bias else None)
 
 
 # The kernel paths (GEMV for one token, tl.dot for blocks of tokens) with block sizes that do
@@ -99,8 +80,8 @@ AOT_IDS = [f"{op}-{dt}-sm{arch}" for op in ("up", "down")   # fp16 compiles like
 def _kernel_case(tk, case, path, dt):
     T, d, F, s, gated, bias, act, masks = case
     dtype = DTYPES[dt]
-    p = _problem(T, d, F, s, gated, bias, dtype, masks, seed=sum(case[:4]))
-    up_cfg, down_cfg = (tk.LaunchConfig(op, *c) for op, c in zip(("up", "down"), PATHS[path]))
+    p = problem(T, d, F, s, gated, bias, dtype, masks, seed=sum(case[:4]))
+    up_cfg, down_cfg = (LaunchConfig(op, *c) for op, c in zip(("up", "down"), PATHS[path]))
     h = tk.sparse_ffn_up(p["x"], p["mask"], p["w_gate"], p["w_up"], p["b_gate"], p["b_up"],
                          expert_size=s, activation=act, gated=gated, config=up_cfg)
     h_ref = sparse_ffn_up_reference(p["x"], p["mask"], p["w_gate"], p["w_up"], p["b_gate"],
@@ -114,13 +95,13 @@ def _kernel_case(tk, case, path, dt):
     return {"h_meta": [str(h.dtype), list(h.shape)], "y_meta": [str(y.dtype), list(y.shape)],
             "expected_meta": [str(dtype), [T, F], [T, d]],
             "h_skipped_zero": bool((h[skipped] == 0).all()),
-            "h_rel": _rel(h, h_ref) if masks != "off" else 0.0,
+            "h_rel": rel(h, h_ref) if masks != "off" else 0.0,
             "y_zero": bool((y == 0).all()),
-            "y_rel": _rel(y, y_ref) if masks != "off" or bias else 0.0}
+            "y_rel": rel(y, y_ref) if masks != "off" or bias else 0.0}
 
 
 def _run_interpret():
-    import lte_convert.plugins.triton_kernels as tk
+    import lte_convert.plugins.triton_dispatch as tk
 
     out = {}
     jobs = [(i, lambda c=c, p=p, dt=dt: _kernel_case(tk, c, p, dt))
@@ -130,13 +111,13 @@ def _run_interpret():
     whole_cases = [(*c, dt) for c in WHOLE_OP for dt in ("fp32", "fp16")]
     for name, (T, gated, bias, act, paired, dt) in zip(WHOLE_OP_IDS, whole_cases):
         def whole(T=T, gated=gated, bias=bias, act=act, paired=paired, dt=dt):
-            p = _problem(T, 48, 128, 32, gated, bias, DTYPES[dt], "per_token", seed=T)
+            p = problem(T, 48, 128, 32, gated, bias, DTYPES[dt], "per_token", seed=T)
             if paired:
                 p["w_gate"], p["w_up"] = torch.stack([p["w_gate"], p["w_up"]])
             y = tk.sparse_ffn(p["x"], p["mask"], p["w_gate"], p["w_up"], p["w_down_t"],
                               p["b_gate"], p["b_up"], p["b_down"], expert_size=32,
                               activation=act)
-            return {"rel": _rel(y, sparse_ffn_reference(**p, expert_size=32, activation=act))}
+            return {"rel": rel(y, sparse_ffn_reference(**p, expert_size=32, activation=act))}
         jobs.append((f"whole-{name}", whole))
     for name, job in jobs:
         try:
@@ -150,7 +131,7 @@ def _run_aot():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    import lte_convert.plugins.triton_kernels as tk
+    from lte_convert.plugins.triton_kernels import ast_source
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,8 +141,8 @@ def _run_aot():
             res = out[name] = {"configs": []}
             try:
                 for T in AOT_T:
-                    cfg = tk.launch_config(op, T, 4096, 11008, 32, DTYPES[dt])
-                    src = tk.ast_source(op, DTYPES[dt], cfg, expert_size=32)
+                    cfg = launch_config(op, T, 4096, 11008, 32, DTYPES[dt])
+                    src = ast_source(op, DTYPES[dt], cfg, expert_size=32)
                     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                        options={"num_warps": cfg.num_warps,
                                                 "num_stages": cfg.num_stages, "ptx_version": 80})
@@ -202,12 +183,12 @@ REAL_SHAPES = {"llama2-7b": (4096, 11008, 32), "smollm2": (576, 1536, 32)}
 def _run_interpret_real():
     """One token through the default launch configs at real shapes (LLaMA2-7B's is ≈3 min
     under the interpreter), outputs NaN-poisoned first; fp32 and fp16."""
-    import lte_convert.plugins.triton_kernels as tk
+    import lte_convert.plugins.triton_dispatch as tk
 
     out = {}
     for name, (d, F, s) in REAL_SHAPES.items():
         for dt in ("fp32", "fp16"):
-            p = _problem(1, d, F, s, True, False, DTYPES[dt], "per_token", seed=d)
+            p = problem(1, d, F, s, True, False, DTYPES[dt], "per_token", seed=d)
             h = torch.full((1, F), float("nan"), dtype=DTYPES[dt])
             tk.sparse_ffn_up(p["x"], p["mask"], p["w_gate"], p["w_up"], None, None,
                              expert_size=s, activation="silu", gated=True, out=h)
@@ -216,9 +197,9 @@ def _run_interpret_real():
             y = torch.full((1, d), float("nan"), dtype=DTYPES[dt])
             tk.sparse_ffn_down(h_ref, p["mask"], p["w_down_t"], None, expert_size=s, out=y)
             y_ref = sparse_ffn_down_reference(h_ref, p["mask"], p["w_down_t"], None, s)
-            out[f"{name}-{dt}"] = {"h_rel": _rel(h, h_ref), "y_rel": _rel(y, y_ref),
-                                   "compact": tk.launch_config("down", 1, d, F, s,
-                                                               DTYPES[dt]).compact}
+            out[f"{name}-{dt}"] = {"h_rel": rel(h, h_ref), "y_rel": rel(y, y_ref),
+                                   "compact": launch_config("down", 1, d, F, s,
+                                                            DTYPES[dt]).compact}
     return out
 
 
@@ -294,36 +275,33 @@ def test_aot_compile_fits_plugin_rules(aot, name):
 
 
 def test_one_token_down_walks_active_experts_when_the_expert_size_allows():
-    from lte_convert.plugins import triton_kernels as tk
-
-    assert tk.launch_config("down", 1, 4096, 11008, 32).compact == 512    # 344 experts
-    assert tk.launch_config("down", 1, 576, 1536, 32).compact == 64       # 48 experts
-    assert tk.launch_config("down", 1, 4096, 28672, 32).compact == 512    # 896: two pieces
-    assert tk.launch_config("down", 1, 4096, 11008 * 3, 96).compact == 0  # 96 not a power of 2
-    assert tk.launch_config("down", 16, 4096, 11008, 32).compact == 0
-    assert "COMPACT" in tk.launch_config("down", 1, 4096, 11008, 32).constexprs()
-    assert "COMPACT" not in tk.launch_config("up", 1, 4096, 11008, 32).constexprs()
+    assert launch_config("down", 1, 4096, 11008, 32).compact == 512    # 344 experts
+    assert launch_config("down", 1, 576, 1536, 32).compact == 64       # 48 experts
+    assert launch_config("down", 1, 4096, 28672, 32).compact == 512    # 896: two pieces
+    assert launch_config("down", 1, 4096, 11008 * 3, 96).compact == 0  # 96 not a power of 2
+    assert launch_config("down", 16, 4096, 11008, 32).compact == 0
+    assert "COMPACT" in launch_config("down", 1, 4096, 11008, 32).constexprs()
+    assert "COMPACT" not in launch_config("up", 1, 4096, 11008, 32).constexprs()
 
 
 def test_launchers_reject_bad_inputs_with_the_shapes():
-    from lte_convert.plugins import triton_kernels
+    from lte_convert.plugins import triton_dispatch
 
-    p = _problem(2, 16, 32, 16, True, False, torch.float32, "on", seed=0)
+    p = problem(2, 16, 32, 16, True, False, torch.float32, "on", seed=0)
     with pytest.raises(ValueError, match=r"mask must be a contiguous bool tensor of shape "
                                          r"\(2, 2\), got torch.bool \(2, 3\)"):
-        triton_kernels.sparse_ffn_up(p["x"], torch.ones(2, 3, dtype=torch.bool), p["w_gate"],
-                                     p["w_up"], None, None, expert_size=16, activation="silu",
-                                     gated=True)
+        triton_dispatch.sparse_ffn_up(p["x"], torch.ones(2, 3, dtype=torch.bool), p["w_gate"],
+                                      p["w_up"], None, None, expert_size=16, activation="silu",
+                                      gated=True)
     with pytest.raises(ValueError, match=r"h must be a contiguous torch.float32 tensor "
                                          r"of shape \(2, 32\), got torch.float16 \(2, 32\)"):
-        triton_kernels.sparse_ffn_down(torch.zeros(2, 32, dtype=torch.float16), p["mask"],
-                                       p["w_down_t"], None, expert_size=16)
+        triton_dispatch.sparse_ffn_down(torch.zeros(2, 32, dtype=torch.float16), p["mask"],
+                                        p["w_down_t"], None, expert_size=16)
     with pytest.raises(ValueError, match=r"compact a power of two >= block_f / expert_size "
                                          r"\(got 3\)"):
-        triton_kernels.sparse_ffn_down(torch.zeros(1, 32), p["mask"][:1], p["w_down_t"], None,
-                                       expert_size=16,
-                                       config=triton_kernels.LaunchConfig("down", 1, 32, 16, 2,
-                                                                          1, 3))
+        triton_dispatch.sparse_ffn_down(torch.zeros(1, 32), p["mask"][:1], p["w_down_t"], None,
+                                        expert_size=16, config=LaunchConfig("down", 1, 32, 16, 2,
+                                                                            1, 3))
 
 
 if __name__ == "__main__":
