@@ -1,29 +1,29 @@
-"""One prepared GPU run for the Triton sparse-FFN kernels: correctness, then timings.
+"""One prepared GPU run timing the Triton sparse-FFN kernels against dense PyTorch.
 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python samples/gpu_bench.py [--tune] [--out DIR]
 
+Correctness on the GPU is the test suite's: `pytest -m gpu` (tests/plugins/test_triton_gpu.py);
+run it first. Each config timed here is still checked against the reference (outputs
+NaN-poisoned) so a wrong kernel cannot win a row.
+
 1. Environment and the copy-bandwidth ceiling (device-to-device copy, bytes read + written).
-2. Correctness on the GPU against plugins/reference.py: several shapes, dtypes (bf16, fp16,
-   fp32), masks (all off, all on, one expert, per token) and token counts; every output is
-   poisoned with NaN first, so an element the kernel forgets to write fails the check. A
-   CUDA-graph check changes the mask in place between replays (the mask is read on device).
-3. Timings (median of CUDA-event timed repeats, weights rotated over several layers so the
+2. Timings (median of CUDA-event timed repeats, weights rotated over several layers so the
    L2 cache does not flatter small shapes): dense PyTorch (cuBLAS, HF layout) against
    `plugins.triton_dispatch.sparse_ffn`, eager and as CUDA-graph replays, for LLaMA2-7B
    (4096/11008) and SmolLM2-135M (576/1536) in bf16, T = 1, 4, 16, 64, 256, 2048 tokens,
    sparsity 0, 0.25, 0.5, 0.75, 0.9 (per-token random masks with exactly (1-sparsity)·E
    experts each; W_gate and W_up paired in one storage as a folded LTEFFN holds them). For
    T > 1 the two kernels alone (the TensorRT path) are timed too.
-4. One token, the down kernel's two paths side by side (`compact`): the previous
+3. One token, the down kernel's two paths side by side (`compact`): the previous
    walk-all-rows path (OLD_DOWN_T1) against the default, which walks the active experts
    only; both shapes, every sparsity, eager and CUDA graph, the pair and the down kernel
    alone, each output NaN-poisoned and checked against the reference first.
-5. Kernel config variants (each checked for correctness first), timed per kernel, and the
+4. Kernel config variants (each checked against the reference first), timed per kernel, and the
    best up + down pair end to end: a few for one token by default, all of the decode
    shapes with --tune (the best go into launch_config).
-6. Host overhead of one eager FFN call at a launch-bound shape (OVERHEAD_SHAPE): dense,
+5. Host overhead of one eager FFN call at a launch-bound shape (OVERHEAD_SHAPE): dense,
    torch.ops.lte.sparse_ffn, our launchers, and the two raw Triton launches, so the next
-   step on eager decode knows which layer costs what. Runs right after correctness.
+   step on eager decode knows which layer costs what. Runs first, after the environment.
 
 Writes gpu_bench.json and gpu_bench.md to --out (default $OUT or .), prints the tables last.
 Without --tune it finishes in well under 4 minutes on an H100/H200.
@@ -125,21 +125,16 @@ def make_config(op, v, Fdim, s):
 # ---------------------------------------------------------------------------------------
 # Problems
 # ---------------------------------------------------------------------------------------
-def weights(d, Fdim, gated=True, bias=False, dtype=None, seed=0, paired=True):
-    """paired: W_gate and W_up in one [2, F, d] storage, as a folded LTEFFN holds them."""
+def weights(d, Fdim, seed=0):
+    """A gated FFN's weights in DTYPE, W_gate and W_up paired in one [2, F, d] storage as a
+    folded LTEFFN holds them, no biases."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    dtype = dtype or DTYPE
 
     def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype)
+        return (torch.randn(*shape, generator=g, device=DEV) * scale).to(DTYPE)
 
-    w = dict(w_gate=r(Fdim, d, scale=d ** -0.5) if gated else None,
-             w_up=r(Fdim, d, scale=d ** -0.5), w_down_t=r(Fdim, d, scale=Fdim ** -0.5),
-             b_gate=r(Fdim) if gated and bias else None, b_up=r(Fdim) if bias else None,
-             b_down=r(d) if bias else None)
-    if gated and paired:
-        w["w_gate"], w["w_up"] = torch.stack([w["w_gate"], w["w_up"]])
-    return w
+    w_gate, w_up = torch.stack([r(Fdim, d, scale=d ** -0.5), r(Fdim, d, scale=d ** -0.5)])
+    return dict(w_gate=w_gate, w_up=w_up, w_down_t=r(Fdim, d, scale=Fdim ** -0.5))
 
 
 def random_mask(T, E, sparsity, seed):
@@ -148,19 +143,6 @@ def random_mask(T, E, sparsity, seed):
     k = round((1 - sparsity) * E)
     order = torch.rand(T, E, generator=g, device=DEV).argsort(dim=1)
     return order < k
-
-
-def kind_mask(kind, T, E, seed):
-    if kind == "off":
-        return torch.zeros(T, E, dtype=torch.bool, device=DEV)
-    if kind == "on":
-        return torch.ones(T, E, dtype=torch.bool, device=DEV)
-    if kind == "one":
-        m = torch.zeros(T, E, dtype=torch.bool, device=DEV)
-        m[:, (seed * 7) % E] = True
-        return m
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return torch.rand(T, E, generator=g, device=DEV) < 0.5
 
 
 def rel_err(out, ref):
@@ -336,94 +318,10 @@ def environment():
     return info
 
 
-CORRECTNESS = [  # (d, F, s, gated, bias, activation, dtype, T list, mask kinds)
-    (4096, 11008, 32, True, False, "silu", torch.bfloat16, (1, 3, 16, 64, 300),
-     ("off", "on", "one", "per_token")),
-    (576, 1536, 32, True, False, "silu", torch.bfloat16, (1, 5, 40, 257), ("per_token", "on")),
-    (576, 1536, 32, True, False, "silu", torch.float16, (1, 16, 100), ("per_token", "one")),
-    (768, 3072, 32, False, True, "gelu", torch.float16, (1, 7, 70), ("per_token", "on")),
-    (1000, 2048, 64, True, True, "gelu_tanh", torch.bfloat16, (1, 9, 33), ("per_token",)),
-    (256, 512, 16, False, False, "relu", torch.float32, (1, 4, 20, 65), ("per_token", "on")),
-    (4096, 11008, 32, True, True, "silu", torch.float32, (1, 17), ("per_token",)),
-]
 
 
-def check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed, up_cfg=None, down_cfg=None):
-    """Kernels (poisoned outputs) and the whole op against the reference; returns errors."""
-    w = weights(d, Fdim, gated, bias, dtype, seed, paired=seed % 2 == 0)
-    g = torch.Generator(device=DEV).manual_seed(seed + 1)
-    x = torch.randn(T, d, generator=g, device=DEV).to(dtype)
-    mask = kind_mask(kind, T, Fdim // s, seed)
-    h = torch.full((T, Fdim), float("nan"), dtype=dtype, device=DEV)
-    td.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], w["b_gate"], w["b_up"], expert_size=s,
-                     activation=act, gated=gated, config=up_cfg, out=h)
-    h_ref = sparse_ffn_up_reference(x, mask, w["w_gate"], w["w_up"], w["b_gate"], w["b_up"],
-                                    s, act, gated)
-    # down on an h with values where the mask is off too (it must ignore them)
-    h_in = torch.randn(T, Fdim, generator=g, device=DEV).to(dtype)
-    y = torch.full((T, d), float("nan"), dtype=dtype, device=DEV)
-    td.sparse_ffn_down(h_in, mask, w["w_down_t"], w["b_down"], expert_size=s, config=down_cfg,
-                       out=y)
-    y_ref = sparse_ffn_down_reference(h_in, mask, w["w_down_t"], w["b_down"], s)
-    skipped = ~mask.repeat_interleave(s, dim=1)
-    res = {"h_rel": rel_err(h, h_ref) if kind != "off" else (0.0 if (h == 0).all() else 1.0),
-           "h_skipped_zero": bool((h[skipped] == 0).all()),
-           "y_rel": rel_err(y, y_ref) if kind != "off" or bias else
-           (0.0 if (y == 0).all() else 1.0)}
-    if up_cfg is None and down_cfg is None:
-        y_op = td.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], w["b_gate"],
-                             w["b_up"], w["b_down"], expert_size=s, activation=act)
-        y_op_ref = sparse_ffn_down_reference(h_ref, mask, w["w_down_t"], w["b_down"], s)
-        res["op_rel"] = rel_err(y_op, y_op_ref) if kind != "off" or bias else 0.0
-    res["paired"] = gated and seed % 2 == 0
-    tol = TOL[dtype]
-    res["ok"] = (res["h_skipped_zero"] and res["h_rel"] <= tol and res["y_rel"] <= tol
-                 and res.get("op_rel", 0.0) <= 2 * tol)
-    return res
 
 
-def correctness(rows):
-    seed = 0
-    for d, Fdim, s, gated, bias, act, dtype, Ts, kinds in CORRECTNESS:
-        for T in Ts:
-            for kind in kinds:
-                seed += 1
-                name = (f"d{d} F{Fdim} s{s} {'gated' if gated else 'plain'}"
-                        f"{' bias' if bias else ''} {act} {str(dtype)[6:]} T{T} {kind}")
-                try:
-                    r = check_one(d, Fdim, s, gated, bias, act, dtype, T, kind, seed)
-                except Exception:
-                    r = {"ok": False, "error": traceback.format_exc()[-1500:]}
-                rows.append(dict(case=name, **r))
-                if not r["ok"]:
-                    print("FAILED", name, r, flush=True)
-    rows.append(dict(case="cuda graph: mask changed in place between replays", **graph_check()))
-
-
-def graph_check():
-    d, Fdim, s = 576, 1536, 32
-    w = weights(d, Fdim)
-    x = torch.randn(2, d, device=DEV).to(DTYPE)
-    mask = kind_mask("per_token", 2, Fdim // s, 5)
-
-    def fn():
-        return td.sparse_ffn(x, mask, w["w_gate"], w["w_up"], w["w_down_t"], None, None, None,
-                             expert_size=s, activation="silu")
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = fn()
-    errs = []
-    for seed in (6, 7):
-        mask.copy_(kind_mask("per_token", 2, Fdim // s, seed))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = sparse_ffn_down_reference(
-            sparse_ffn_up_reference(x, mask, w["w_gate"], w["w_up"], None, None, s, "silu", True),
-            mask, w["w_down_t"], None, s)
-        errs.append(rel_err(y, ref))
-    return {"rel": errs, "ok": all(e <= 1e-2 for e in errs)}
 
 
 def timings(rows):
@@ -477,10 +375,22 @@ def timings(rows):
 
 
 def down_check(h, mask, w, s, cfg):
-    """Relative error of the down kernel with `cfg` (output NaN-poisoned first)."""
-    y = torch.full((1, w["w_down_t"].shape[1]), float("nan"), dtype=h.dtype, device=DEV)
+    """Relative error of the down kernel with `cfg` (output NaN-poisoned first). The GPU
+    correctness suite is tests/plugins/test_triton_gpu.py (`pytest -m gpu`); this only keeps
+    a timed config honest."""
+    y = torch.full((h.shape[0], w["w_down_t"].shape[1]), float("nan"), dtype=h.dtype,
+                   device=DEV)
     td.sparse_ffn_down(h, mask, w["w_down_t"], None, expert_size=s, config=cfg, out=y)
     return rel_err(y, sparse_ffn_down_reference(h, mask, w["w_down_t"], None, s))
+
+
+def up_check(x, mask, w, s, cfg):
+    """Relative error of the up kernel with `cfg` (output NaN-poisoned first)."""
+    h = torch.full((x.shape[0], w["w_up"].shape[0]), float("nan"), dtype=x.dtype, device=DEV)
+    td.sparse_ffn_up(x, mask, w["w_gate"], w["w_up"], None, None, expert_size=s,
+                     activation="silu", gated=True, config=cfg, out=h)
+    return rel_err(h, sparse_ffn_up_reference(x, mask, w["w_gate"], w["w_up"], None, None, s,
+                                              "silu", True))
 
 
 def compact(rows):
@@ -565,10 +475,9 @@ def tune(out, quick=False):
                 rec = dict(shape=shape, T=T, sparsity=sp, op=op, config=list(cfg.__dict__.values()),
                            default=cfg == default)
                 try:
-                    chk = check_one(d, Fdim, s, True, False, "silu", DTYPE, T,
-                                    "per_token", 11, up_cfg=cfg if op == "up" else None,
-                                    down_cfg=cfg if op == "down" else None)
-                    rec["ok"] = chk["ok"]
+                    rec["rel"] = (up_check(x, masks[0], ws[0], s, cfg) if op == "up" else
+                                  down_check(hs[0], masks[0], ws[0], s, cfg))
+                    rec["ok"] = rec["rel"] <= TOL[DTYPE]
                     if op == "up":
                         fns = [lambda m=m, w=w, cfg=cfg: td.sparse_ffn_up(
                             x, m, w["w_gate"], w["w_up"], None, None, expert_size=s,
@@ -631,12 +540,7 @@ def markdown(report):
     lines = [f"# GPU benchmark: {env.get('device')} ({env.get('date_utc')} UTC)", "",
              f"torch {env.get('torch')}, triton {env.get('triton')}, copy bandwidth "
              f"{env.get('copy_tb_s')} TB/s, {env.get('nvidia_smi', '')}", ""]
-    corr = report.get("correctness", [])
-    bad = [r for r in corr if not r.get("ok")]
-    lines += [f"Correctness: {len(corr) - len(bad)}/{len(corr)} cases pass "
-              "(outputs NaN-poisoned first; bf16/fp16 rel err <= 1e-2, fp32 <= 1e-5)."]
-    lines += [f"- FAILED {r['case']}: {({k: v for k, v in r.items() if k != 'case'})}" for r in bad]
-    lines += ["", "| shape | T | sparsity | union | dense graph µs | sparse graph µs"
+    lines += ["| shape | T | sparsity | union | dense graph µs | sparse graph µs"
               " | speed-up graph | frac of ideal | dense eager µs | sparse eager µs"
               " | speed-up eager | kernels-only graph µs | torch.ops.lte eager / graph µs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -713,7 +617,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true", help="also time kernel config variants")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"),
-                    help="dtype of the timed problems (correctness covers all)")
+                    help="dtype of the timed problems")
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="stop adding timing rows after this many seconds (tuning rows "
                          "after 60%% of it)")
@@ -725,8 +629,7 @@ def main():
     DEADLINE = t0 + args.budget_s
     TUNE_DEADLINE = t0 + 0.6 * args.budget_s
     REPORT["_out"] = args.out
-    sections = [("environment", None), ("correctness", correctness), ("overhead", overhead),
-                ("compact", compact),
+    sections = [("environment", None), ("overhead", overhead), ("compact", compact),
                 ("tune", lambda rows: tune(rows, quick=not args.tune)),
                 ("best_combined", best_combined), ("timings", timings)]
     for name, fn in sections:
@@ -745,8 +648,8 @@ def main():
         save()
     print(markdown(REPORT))
     print(f"total {time.time() - t0:.0f} s")
-    checked = REPORT.get("correctness", []) + [r for r in REPORT.get("compact", []) if "ok" in r]
-    return 0 if all(r.get("ok") for r in checked) else 1
+    checked = [r for r in REPORT.get("compact", []) + REPORT.get("tune", []) if "ok" in r]
+    return 0 if all(r["ok"] for r in checked) else 1
 
 
 if __name__ == "__main__":
