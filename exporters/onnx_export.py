@@ -36,8 +36,6 @@ OPSET = functions.OPSET
 TWO_GB = 2 * 1024**3
 # Below 2 GiB by a margin: the protobuf limit counts the graph and metadata too.
 EXTERNAL_DATA_THRESHOLD = TWO_GB - 64 * 1024**2
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def data_path(onnx_path: Path) -> Path:
@@ -50,8 +48,8 @@ def check_fits_dtype(model, dtype: torch.dtype) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise UserError(
-                f"The model does not fit {DTYPE_NAMES[dtype]}: parameter {name} has values "
-                f"that are not finite in that dtype (the largest finite {DTYPE_NAMES[dtype]} "
+                f"The model does not fit {spec.LONG_NAMES[dtype]}: parameter {name} has values "
+                f"that are not finite in that dtype (the largest finite {spec.LONG_NAMES[dtype]} "
                 f"is {torch.finfo(dtype).max:.4g}). Export with --dtype fp32 or bf16 instead.")
 
 
@@ -61,7 +59,7 @@ def _check_outputs_finite(wrapper, kwargs, dtype):
     logits = out[0] if isinstance(out, tuple) else out
     if not torch.isfinite(logits).all():
         raise UserError(
-            f"The model does not fit {DTYPE_NAMES[dtype]}: its outputs overflow (inf/NaN) on a "
+            f"The model does not fit {spec.LONG_NAMES[dtype]}: its outputs overflow (inf/NaN) on a "
             f"sample input in that dtype. Export with --dtype fp32 (or bf16) instead.")
 
 
@@ -135,7 +133,7 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
             "pair per LTE FFN). torch.onnx.export fell back to a mode in which the custom op is "
             "not emitted; re-run with TORCH_LOGS=onnx to see why the first attempt failed.")
     _attach_functions(graph)
-    props = metadata.build(model, modules, info or {}, dtype=DTYPE_NAMES[dtype],
+    props = metadata.build(model, modules, info or {}, dtype=spec.LONG_NAMES[dtype],
                            kv_cache=kv_cache, fingerprint=fingerprint)
     graph.metadata_props.update(props)
 
@@ -156,7 +154,7 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
         data_path(out).unlink()        # a stale file from an earlier external-data export
     return {"path": str(out), "data_path": str(data_path(out)) if external else None,
             "bytes": size, "external_data": external, "kv_cache": kv_cache,
-            "dtype": DTYPE_NAMES[dtype], "custom_nodes": counts, "metadata": props}
+            "dtype": spec.LONG_NAMES[dtype], "custom_nodes": counts, "metadata": props}
 
 
 def _check(tmp: Path, out: Path) -> None:
@@ -175,10 +173,12 @@ def export_checkpoint(ckpt, out, *, dtype: str = "fp32", kv_cache: bool = True,
     from lte_convert.converter.checkpoint import load_lte_model
 
     ckpt = Path(ckpt)
-    if dtype not in DTYPES:
-        raise UserError(f"Unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}.")
+    if dtype not in spec.DTYPE_BY_NAME:
+        raise UserError(f"Unknown dtype {dtype!r}; expected one of "
+                        f"{', '.join(spec.DTYPE_BY_NAME)}.")
     check_writable(Path(out), overwrite)
-    model, info = load_lte_model(ckpt, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model, info = load_lte_model(ckpt, dtype=spec.DTYPE_BY_NAME[dtype],
+                                 trust_remote_code=trust_remote_code)
     model.eval()
     return export_model(model, out, info=info, kv_cache=kv_cache, overwrite=overwrite,
                         external_data_threshold=external_data_threshold,

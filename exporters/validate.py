@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from google.protobuf.message import DecodeError
 
 from lte_convert.atomic import atomic_path
@@ -61,7 +60,6 @@ DEFAULT_TOLERANCES = {
     "bfloat16": {"atol": 8e-1, "rtol": 1.6e-2, "max_flip_rate": 3e-2, "min_top1": 0.9,
                  "max_kl": 3e-2},
 }
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +421,7 @@ def validate(onnx_path, reference, *, n: int = 4, seq_len: int = 32, data=None,
     tol.update({k: v for k, v in (("atol", atol), ("rtol", rtol),
                                   ("max_flip_rate", max_flip_rate)) if v is not None})
 
-    model, _ = load_lte_model(reference, dtype=TORCH_DTYPES[meta["dtype"]],
+    model, _ = load_lte_model(reference, dtype=spec.DTYPE_BY_LONG_NAME[meta["dtype"]],
                               trust_remote_code=trust_remote_code)
     if upcast:
         model = model.float()

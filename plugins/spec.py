@@ -45,12 +45,23 @@ OP = "SparseFFN"                  # the whole FFN (PyTorch: torch.ops.lte.sparse
 OP_UP = "SparseFFNUp"             # ONNX / TensorRT: x, mask -> masked h
 OP_DOWN = "SparseFFNDown"         # ONNX / TensorRT: h, mask -> y
 OP_VERSION = 1
+KERNEL_OPS = {OP_UP: "up", OP_DOWN: "down"}   # ONNX / TensorRT op -> its kernel (launch_config)
 
-# Activations, by the names used in attributes. Each maps to the torch function
-# the reference applies; `gelu` is the exact erf form, `gelu_tanh` the tanh approximation.
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+# Activations, by the names used in attributes, and the int code the kernels (Triton's
+# ACTIVATION constexpr) and TensorRT plugins receive. Each maps to the torch function the
+# reference applies; `gelu` is the exact erf form, `gelu_tanh` the tanh approximation.
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+ACTIVATIONS = tuple(ACTIVATION_CODES)
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Model dtypes by their short name (--dtype, Triton pointer types, TensorRT plugin fields).
+DTYPE_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = tuple(DTYPE_BY_NAME.values())
+SHORT_NAMES = {dtype: name for name, dtype in DTYPE_BY_NAME.items()}       # -> "fp16"
+# Long names: ONNX metadata, and the attribute names of torch, numpy and tensorrt dtypes.
+LONG_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in DTYPES}  # -> "float16"
+DTYPE_BY_LONG_NAME = {name: dtype for dtype, name in LONG_NAMES.items()}
+# ONNX element types (onnx.TensorProto.FLOAT, FLOAT16, BFLOAT16), without importing onnx.
+ONNX_ELEM_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
 MASK_DTYPE = torch.bool
 
 # Input names, in order. Every node/plugin/kernel uses exactly this order.

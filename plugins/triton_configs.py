@@ -4,7 +4,9 @@ plugins/triton_dispatch.py, TensorRT ahead of time in trt_plugins/aot.py).
 
 `launch_config(op, T, d, F, expert_size, dtype)` returns the `LaunchConfig`; any config is
 correct for any T (the grid covers all tokens), T only picks the fastest. Shared memory of
-every config is < 48 KiB (checked in tests). Plain Python: importing it needs no Triton.
+every config is < 48 KiB (checked in tests). The configurations are machine-tuned: `H200`
+names where they were measured, and `set_tuning` replaces them. Plain Python: importing it
+needs no Triton.
 """
 from __future__ import annotations
 
@@ -53,16 +55,6 @@ class LaunchConfig:
         return c if self.op == "up" else dict(c, COMPACT=self.compact)
 
 
-# Per token-count bucket: (max T, up config, down config). Tuned on an H200 (results/gpu.md).
-_CONFIGS = (
-    (1, LaunchConfig("up", 1, 16, 256, 8), LaunchConfig("down", 1, 512, 32, 8)),
-    (16, LaunchConfig("up", 16, 32, 128, 4, 3), LaunchConfig("down", 16, 128, 32, 4, 4)),
-    (64, LaunchConfig("up", 64, 64, 32, 4, 3), LaunchConfig("down", 64, 64, 64, 4, 2)),
-    (None, LaunchConfig("up", 64, 128, 32, 8, 2), LaunchConfig("down", 64, 32, 128, 8, 3)),
-)
-
-
-SMALL_D = 2048
 MAX_MASK_PIECE = 512     # experts of the mask one compact down program holds at a time
 
 
@@ -73,10 +65,48 @@ def compact_piece(F: int, expert_size: int, block_f: int) -> int:
         return 0
     piece = min(MAX_MASK_PIECE, _next_power_of_2(max(F // expert_size, 1)))
     return max(piece, block_f // expert_size)
-_SMALL_D_ONE_TOKEN = {"up": LaunchConfig("up", 1, 8, 512, 4),
-                      "down": LaunchConfig("down", 1, 512, 16, 8)}
-# One token, down, when the compact path cannot run (expert size): run 1's best walk-all-rows.
-_WALK_ALL_ONE_TOKEN_DOWN = LaunchConfig("down", 1, 512, 16, 8)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The launch configurations measured fastest on one machine. Every config is correct on
+    every GPU (the grid covers all tokens and rows); on another GPU they may only be slower,
+    so a tuning names the machine it comes from. Override with `set_tuning`."""
+
+    machine: str
+    buckets: tuple            # (max T, or None for the rest; up config; down config), T ascending
+    small_d: int              # d below this: one token uses small_d_one_token (up, down)
+    small_d_one_token: tuple
+    walk_all_down: LaunchConfig   # one token, down, when the compact path cannot run
+    dense_min_tokens: int     # from this many tokens on, triton_dispatch.sparse_ffn runs cuBLAS
+
+
+H200 = Tuning(
+    machine="NVIDIA H200, Triton 3.6, bf16 (results/gpu.md run 1; small d: SmolLM2-135M)",
+    buckets=(
+        (1, LaunchConfig("up", 1, 16, 256, 8), LaunchConfig("down", 1, 512, 32, 8)),
+        (16, LaunchConfig("up", 16, 32, 128, 4, 3), LaunchConfig("down", 16, 128, 32, 4, 4)),
+        (64, LaunchConfig("up", 64, 64, 32, 4, 3), LaunchConfig("down", 64, 64, 64, 4, 2)),
+        (None, LaunchConfig("up", 64, 128, 32, 8, 2), LaunchConfig("down", 64, 32, 128, 8, 3)),
+    ),
+    small_d=2048,
+    small_d_one_token=(LaunchConfig("up", 1, 8, 512, 4), LaunchConfig("down", 1, 512, 16, 8)),
+    walk_all_down=LaunchConfig("down", 1, 512, 16, 8),
+    dense_min_tokens=17,
+)
+_tuning = H200
+
+
+def tuning() -> Tuning:
+    return _tuning
+
+
+def set_tuning(t: Tuning) -> None:
+    """Use `t` for every launch from now on. Call it before the first launch or TensorRT
+    engine build of the process: trt_plugins/aot.py caches its compiled tactics."""
+    global _tuning
+    _tuning = t
+    launch_config.cache_clear()
 
 
 @lru_cache(maxsize=None)
@@ -84,23 +114,24 @@ def launch_config(op: str, T: int, d: int, F: int, expert_size: int,
                   dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
     """The config both launchers (PyTorch here, TensorRT AOT) use for `op` at T tokens.
 
-    Any config is correct for any T (the grid covers all tokens); T only picks the fastest.
-    Small models (d < SMALL_D) have their own one-token configs (measured on SmolLM2-135M).
+    Any config is correct for any T (the grid covers all tokens); T only picks the fastest,
+    by the current `tuning()`. Small models (d < small_d) have their own one-token configs.
     One-token down configs walk the active experts only (`compact`, see LaunchConfig) when
     the expert size allows. fp32 halves the K block of the tl.dot configs so shared memory
     stays the same, and uses 16 columns per compact down program.
     """
     assert op in ("up", "down"), op
-    for max_t, up, down in _CONFIGS:
+    t = _tuning
+    for max_t, up, down in t.buckets:
         if max_t is None or T <= max_t:
             cfg = up if op == "up" else down
             break
-    if cfg.block_t == 1 and d < SMALL_D:
-        cfg = _SMALL_D_ONE_TOKEN[op]
+    if cfg.block_t == 1 and d < t.small_d:
+        cfg = t.small_d_one_token[op == "down"]
     if op == "down" and cfg.block_t == 1:
         cfg = replace(cfg, compact=compact_piece(F, expert_size, cfg.block_f))
         if cfg.compact == 0:
-            cfg = _WALK_ALL_ONE_TOKEN_DOWN
+            cfg = t.walk_all_down
     if dtype == torch.float32 and cfg.block_t > 1:
         cfg = replace(cfg, block_d=max(16, cfg.block_d // 2) if op == "up" else cfg.block_d,
                       block_f=max(16, cfg.block_f // 2) if op == "down" else cfg.block_f)
@@ -113,7 +144,7 @@ def launch_configs(op: str, d: int, F: int, expert_size: int,
                    dtype: torch.dtype = torch.bfloat16) -> tuple[LaunchConfig, ...]:
     """Every distinct config launch_config picks for `op` at some T (TensorRT tactics)."""
     seen = []
-    for max_t, _, _ in _CONFIGS:
+    for max_t, _, _ in _tuning.buckets:
         cfg = launch_config(op, max_t or 1 << 16, d, F, expert_size, dtype)
         if cfg not in seen:
             seen.append(cfg)

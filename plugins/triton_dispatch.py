@@ -3,7 +3,8 @@
 `sparse_ffn_up`, `sparse_ffn_down` (always the kernels, plugins/triton_kernels.py, with
 plugins/triton_configs.py's launch configuration) and `sparse_ffn` (the whole op,
 dispatched by token count to what measured fastest: both kernels for one token, the up
-kernel + cuBLAS for a few, cuBLAS + one fused act·up·mask kernel from `DENSE_MIN_TOKENS` on).
+kernel + cuBLAS for a few, cuBLAS + one fused act·up·mask kernel from
+`tuning().dense_min_tokens` on; the machine it was measured on: triton_configs.H200).
 Nothing here syncs with the host, so a decode step can be captured in a CUDA graph.
 Imports Triton: plugins/ops.py imports this module on the first CUDA call only.
 """
@@ -12,14 +13,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from lte_convert.plugins.spec import gate_up_pair
-from lte_convert.plugins.triton_configs import LaunchConfig, compact_piece, launch_config
-from lte_convert.plugins.triton_kernels import (ACTIVATION_CODES, act_mul_mask_kernel,
-                                                sparse_ffn_down_kernel, sparse_ffn_up_kernel)
-
-# From this many tokens on, `sparse_ffn` runs cuBLAS for all projections (see sparse_ffn).
-DENSE_MIN_TOKENS = 17
-
+from lte_convert.plugins.spec import ACTIVATION_CODES, gate_up_pair
+from lte_convert.plugins.triton_configs import LaunchConfig, compact_piece, launch_config, tuning
+from lte_convert.plugins.triton_kernels import (act_mul_mask_kernel, sparse_ffn_down_kernel,
+                                                sparse_ffn_up_kernel)
 
 def _mask_bytes(mask2d, T, E):
     if mask2d.dtype != torch.bool or tuple(mask2d.shape) != (T, E) or not mask2d.is_contiguous():
@@ -160,12 +157,12 @@ def sparse_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down, *,
                expert_size, activation):
     """The whole op on 2-D inputs: y [T, d]. Gated when w_gate is not None.
 
-    Dispatch by token count (measured on an H200, results/gpu.md):
+    Dispatch by token count (N = tuning().dense_min_tokens, 17 on the H200 of results/gpu.md):
       T == 1:                      up kernel + down kernel (each reads only active rows);
-      1 < T < DENSE_MIN_TOKENS:    up kernel (union of the tokens' experts) + cuBLAS on the
+      1 < T < N:                   up kernel (union of the tokens' experts) + cuBLAS on the
                                    masked h for down (the down kernel has too few programs
                                    to stream for several tokens);
-      T >= DENSE_MIN_TOKENS:       cuBLAS for all three projections (gate and up as one GEMM
+      T >= N:                      cuBLAS for all three projections (gate and up as one GEMM
                                    when paired, _dense_gate_up), one fused kernel for
                                    act(gate)·up·mask (the union is nearly every expert).
     Every path follows plugins/spec.py's numerics: gate, up and y accumulate in fp32 and are
@@ -173,7 +170,7 @@ def sparse_ffn(x2d, mask2d, w_gate, w_up, w_down_t, b_gate, b_up, b_down, *,
     """
     T = x2d.shape[0]
     gated = w_gate is not None
-    if T >= DENSE_MIN_TOKENS:
+    if T >= tuning().dense_min_tokens:
         gate, up = _dense_gate_up(x2d, w_gate, w_up, b_gate, b_up)
         return _masked_down(_act_mul_mask(gate, up, mask2d, expert_size, activation, x2d.dtype),
                             w_down_t, b_down)

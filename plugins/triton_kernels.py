@@ -50,7 +50,7 @@ down kernel — `sparse_ffn_down_kernel`, grid (cdiv(D, BLOCK_D), cdiv(T, BLOCK_
 
 Pointer dtypes: x/w/b/h/y share one dtype (fp16, bf16 or fp32); the mask is any integer type
 (PyTorch passes its bool tensor as `*u8`, TensorRT an INT32 tensor): 0 = skip, else compute.
-ACTIVATION is an int code (`ACTIVATION_CODES`). Offsets along tokens are 64-bit; inside a
+ACTIVATION is an int code (`spec.ACTIVATION_CODES`). Offsets along tokens are 64-bit; inside a
 weight matrix 32-bit (F·d < 2³¹). For d % 16 == 0 (every real model) an AOT compiler may declare
 `tt.divisibility=16` on the pointers and on D and F; the JIT launcher gets that by
 specialisation.
@@ -67,14 +67,13 @@ import torch
 import triton
 import triton.language as tl
 
+from lte_convert.plugins.spec import ACTIVATION_CODES, SHORT_NAMES
 from lte_convert.plugins.triton_configs import LaunchConfig
-
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
 @triton.jit
 def _act(z, ACTIVATION: tl.constexpr):
-    """act(z) for fp32 z; codes as in ACTIVATION_CODES."""
+    """act(z) for fp32 z; codes as in spec.ACTIVATION_CODES."""
     if ACTIVATION == 0:
         return z * tl.sigmoid(z)
     elif ACTIVATION == 1:
@@ -209,10 +208,9 @@ def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
         # (keys: expert id if active, else n_experts), so the piece's active experts come
         # first; chunk c is active experts c·EPC … c·EPC+EPC−1 (EPC = BLOCK_F / EXPERT_SIZE),
         # BLOCK_F rows that are all useful. The trip count is cdiv(active, EPC): it falls
-        # with sparsity. One chunk is prefetched, and the register accumulator lives only
-        # after the sort: both keep the default 8-warp config at <= 128 registers per thread
-        # (two programs per SM; two chunks or an accumulator live across the sort took
-        # 157-204 registers, ptxas sm_90a, Triton 3.6 and 3.9).
+        # with sparsity. Rule: the default 8-warp config stays at <= 128 registers per thread
+        # (two programs per SM), so only one chunk is prefetched and the register
+        # accumulator is allocated after the sort (register counts: results/gpu.md).
         EPC: tl.constexpr = BLOCK_F // EXPERT_SIZE
         tl.static_assert(EPC * EXPERT_SIZE == BLOCK_F, "COMPACT needs BLOCK_F % EXPERT_SIZE == 0")
         y = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -236,8 +234,9 @@ def sparse_ffn_down_kernel(h_ptr, mask_ptr, w_down_t_ptr, b_down_ptr,
     elif BLOCK_T == 1:
         # Software-pipelined two chunks deep: while chunk i is multiplied, the rows of
         # chunks i+1 and i+2 (active experts only) are in flight and the mask of chunk i+3
-        # is loaded, so a weight load never waits for its mask. The loop is bound by bytes
-        # in flight per SM (measured), so depth matters; trips past F load nothing.
+        # is loaded, so a weight load never waits for its mask. Rule: keep the bytes in
+        # flight per SM high, the loop's bound (results/gpu.md run 1); trips past F load
+        # nothing.
         acc = tl.zeros((BLOCK_F, BLOCK_D), dtype=tl.float32)
         mask_row = mask_ptr + toks64 * n_experts
         h_row = h_ptr + toks64 * F
@@ -308,7 +307,6 @@ def act_mul_mask_kernel(gate_ptr, up_ptr, mask_ptr,
 
 
 KERNELS = {"up": sparse_ffn_up_kernel, "down": sparse_ffn_down_kernel}
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def ast_source(op: str, dtype: torch.dtype, cfg: LaunchConfig, *, expert_size: int,
@@ -330,7 +328,7 @@ def ast_source(op: str, dtype: torch.dtype, cfg: LaunchConfig, *, expert_size: i
     consts = dict(cfg.constexprs(), EXPERT_SIZE=expert_size, HAS_BIAS=int(has_bias))
     if op == "up":
         consts.update(ACTIVATION=ACTIVATION_CODES[activation], GATED=int(gated))
-    pointer = {n: mask_pointer if n == "mask_ptr" else f"*{TRITON_DTYPES[dtype]}" for n in names}
+    pointer = {n: mask_pointer if n == "mask_ptr" else f"*{SHORT_NAMES[dtype]}" for n in names}
     sig = {n: pointer[n] if n.endswith("_ptr") else "i32" if n in ("T", "D", "F") else "constexpr"
            for n in names}
     assert set(consts) == {n for n in names if sig[n] == "constexpr"}, (consts, names)

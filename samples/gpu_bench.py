@@ -56,10 +56,12 @@ except Exception as e:  # a broken sibling module must not cost the one GPU run
     stub = types.ModuleType("lte_convert.plugins")
     stub.__path__ = [str(Path(__file__).resolve().parents[1] / "plugins")]
     sys.modules["lte_convert.plugins"] = stub
+from lte_convert.plugins import spec  # noqa: E402
 from lte_convert.plugins import triton_dispatch as td  # noqa: E402
 from lte_convert.plugins import triton_kernels as tk  # noqa: E402
 from lte_convert.plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference  # noqa: E402
-from lte_convert.plugins.triton_configs import LaunchConfig, compact_piece, launch_config  # noqa: E402
+from lte_convert.plugins.triton_configs import (  # noqa: E402
+    LaunchConfig, compact_piece, launch_config)
 
 SHAPES = {  # name: (d, F, expert_size, layers rotated in timings)
     "llama2-7b": (4096, 11008, 32, 4),
@@ -256,7 +258,7 @@ def raw_launches(x, mask, w, s):
     def run():
         tk.sparse_ffn_up_kernel[up.grid(T, d, Fdim)](
             x, m, w["w_gate"], w["w_up"], w["w_up"], w["w_up"], T, d, Fdim, h,
-            EXPERT_SIZE=s, ACTIVATION=tk.ACTIVATION_CODES["silu"], GATED=1, HAS_BIAS=0,
+            EXPERT_SIZE=s, ACTIVATION=spec.ACTIVATION_CODES["silu"], GATED=1, HAS_BIAS=0,
             **up.constexprs(), num_warps=up.num_warps, num_stages=up.num_stages)
         tk.sparse_ffn_down_kernel[down.grid(T, d, Fdim)](
             h, m, w["w_down_t"], w["w_down_t"], T, d, Fdim, y,

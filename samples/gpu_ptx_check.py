@@ -48,7 +48,6 @@ from lte_convert.plugins import spec
 from lte_convert.plugins.reference import sparse_ffn_down_reference, sparse_ffn_up_reference
 from lte_convert.trt_plugins import aot
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # max |kernel - reference| / max(1, max |reference|): fp32 accumulation in both, so the
 # difference is the output rounding (≤ 1 ulp) plus summation order.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2}
@@ -85,7 +84,7 @@ def plan(native_arch: int):
     for case in CASES:
         archs = aot.ARCHS if case.every_target else (native_arch,)
         for arch in archs:
-            for dtype in TORCH_DTYPES:
+            for dtype in spec.DTYPE_BY_NAME:
                 for op in (spec.OP_UP, spec.OP_DOWN):
                     kw = dict(arch=arch, dtype=dtype, d=case.d, F=case.F,
                               expert_size=case.expert_size)
@@ -144,7 +143,7 @@ def make_inputs(case: Case, T: int, dtype: str, device, unaligned: bool = False)
     """
     d, F, E = case.d, case.F, case.F // case.expert_size
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{case.name}/{T}/{dtype}".encode()))
-    tdt = TORCH_DTYPES[dtype]
+    tdt = spec.DTYPE_BY_NAME[dtype]
     act = _unaligned if unaligned else (lambda t: t)
 
     def randn(*shape, scale=1.0):

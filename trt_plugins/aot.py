@@ -42,7 +42,6 @@ from lte_convert.plugins import spec
 ARCHS = (80, 90)                    # PTX targets: sm_80 (Ampere, and JIT for 8.x / 10.x+), sm_90a (Hopper)
 PTX_VERSION = 80                    # PTX ISA 8.0 (CUDA 12.0 drivers); the lowest sm_90a accepts
 MAX_SHARED_BYTES = 48 * 1024        # above this a launch needs an opt-in AOT plugins cannot make
-TRITON_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}   # triton name -> torch name
 MASK_POINTER = "*i32"               # TensorRT hands the plugin an INT32 mask (see module docstring)
 
 
@@ -283,16 +282,6 @@ def build_launch(op: str, fn, *, arch: int, dtype: str, tactic: int, inputs: tup
 # ---------------------------------------------------------------------------------------------
 # The lte ops: tactics and compiled launches
 # ---------------------------------------------------------------------------------------------
-
-_KERNEL_OP = {spec.OP_UP: "up", spec.OP_DOWN: "down"}   # spec op -> launch_config's op name
-
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    return getattr(torch, TRITON_DTYPES[dtype])
-
-
 @functools.lru_cache(maxsize=None)
 def configs(op: str, *, d: int, F: int, expert_size: int, dtype: str) -> tuple:
     """The distinct LaunchConfigs plugins.triton_configs.launch_config picks for any T.
@@ -303,7 +292,8 @@ def configs(op: str, *, d: int, F: int, expert_size: int, dtype: str) -> tuple:
     """
     from lte_convert.plugins.triton_configs import launch_configs
 
-    return tuple(launch_configs(_KERNEL_OP[op], d, F, expert_size, _torch_dtype(dtype)))
+    return tuple(launch_configs(spec.KERNEL_OPS[op], d, F, expert_size,
+                                spec.DTYPE_BY_NAME[dtype]))
 
 
 def tactics(op: str, *, arch: int, dtype: str, d: int, F: int, expert_size: int,
@@ -339,7 +329,7 @@ def compile_op(op: str, *, arch: int, dtype: str, tactic: int, d: int, F: int,
 def _compile_op(op, arch, dtype, tactic, d, F, expert_size, activation, gated) -> Launch:
     from lte_convert.plugins import triton_kernels as tk
 
-    assert arch in ARCHS and dtype in TRITON_DTYPES, (arch, dtype)
+    assert arch in ARCHS and dtype in spec.DTYPE_BY_NAME, (arch, dtype)
     assert activation in spec.ACTIVATIONS, activation
     cfgs = configs(op, d=d, F=F, expert_size=expert_size, dtype=dtype)
     assert 1 <= tactic <= len(cfgs), f"{op}: tactic {tactic} not in 1..{len(cfgs)}"
@@ -351,7 +341,7 @@ def _compile_op(op, arch, dtype, tactic, d, F, expert_size, activation, gated) -
         return build_launch(op, tk.sparse_ffn_up_kernel, inputs=spec.UP_INPUTS,
                             outputs=spec.UP_OUTPUTS,
                             constexprs={"EXPERT_SIZE": expert_size,
-                                        "ACTIVATION": tk.ACTIVATION_CODES[activation],
+                                        "ACTIVATION": spec.ACTIVATION_CODES[activation],
                                         "GATED": int(gated), "HAS_BIAS": 1, **cfg.constexprs()},
                             **common)
     assert op == spec.OP_DOWN, op

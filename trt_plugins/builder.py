@@ -41,8 +41,7 @@ DEFAULT_DIMS = {
 DERIVED_DIMS = {"total_seq": ("seq", "past_seq")}
 
 LTE_OPS = (spec.OP_UP, spec.OP_DOWN)
-DATA_TYPES = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16",
-              TensorProto.BFLOAT16: "bf16"}
+DATA_TYPES = {spec.ONNX_ELEM_TYPES[dtype]: spec.SHORT_NAMES[dtype] for dtype in spec.DTYPES}
 
 
 @dataclass

@@ -33,7 +33,8 @@ if not hasattr(trtp, "aot_impl"):
     raise ImportError(f"TensorRT {trt.__version__} has no tensorrt.plugin.aot_impl; the lte "
                       "plugins need TensorRT >= 10.9 (pip install 'tensorrt>=10.9').")
 
-DATA_TYPES = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}
+DATA_TYPES = {getattr(trt, spec.LONG_NAMES[dtype]): spec.SHORT_NAMES[dtype]
+              for dtype in spec.DTYPES}
 IO_DATA = "FP16|BF16|FP32"          # dependent: every data tensor has the same type
 IO_MASK = "INT32"
 

@@ -59,7 +59,7 @@ CASES = [  # T, d, F, s, gated, bias, activation, masks
 KERNEL_IDS = [f"T{c[0]}-d{c[1]}-F{c[2]}-s{c[3]}-{c[6]}-{c[7]}-{p}-{dt}"
               for c in CASES for p in sorted(PATHS) for dt in ("fp32", "fp16")]
 # sparse_ffn with its own dispatch (one token: both kernels; a few: up kernel + matmul;
-# from DENSE_MIN_TOKENS (17) on: matmuls + the fused act·up·mask kernel), fp32; "paired":
+# from tuning().dense_min_tokens (17) on: matmuls + the fused act·up·mask kernel), fp32; "paired":
 # W_gate and W_up in one [2, F, d] storage (one GEMM for both from 17 tokens on).
 WHOLE_OP = [(1, True, True, "silu", False), (4, True, True, "silu", False),
             (20, True, True, "silu", False), (3, False, True, "gelu", False),
@@ -282,6 +282,26 @@ def test_one_token_down_walks_active_experts_when_the_expert_size_allows():
     assert launch_config("down", 16, 4096, 11008, 32).compact == 0
     assert "COMPACT" in launch_config("down", 1, 4096, 11008, 32).constexprs()
     assert "COMPACT" not in launch_config("up", 1, 4096, 11008, 32).constexprs()
+
+
+def test_the_machine_tuned_configs_can_be_replaced():
+    from dataclasses import replace
+
+    from lte_convert.plugins import triton_configs
+
+    assert triton_configs.tuning() is triton_configs.H200 and "H200" in triton_configs.H200.machine
+    mine = LaunchConfig("up", 1, 8, 128, 2)
+    other = replace(triton_configs.H200, machine="test GPU",
+                    buckets=((1, mine, triton_configs.H200.buckets[0][2]),
+                             *triton_configs.H200.buckets[1:]))
+    before = launch_config("up", 1, 4096, 11008, 32)
+    try:
+        triton_configs.set_tuning(other)
+        assert launch_config("up", 1, 4096, 11008, 32) == mine
+        assert launch_config("up", 16, 4096, 11008, 32).block_t == 16
+    finally:
+        triton_configs.set_tuning(triton_configs.H200)
+    assert launch_config("up", 1, 4096, 11008, 32) == before != mine
 
 
 def test_launchers_reject_bad_inputs_with_the_shapes():

@@ -14,7 +14,7 @@ def test_plan_covers_every_target_dtype_op_and_tactic_of_the_main_case():
     rows = g.plan(native_arch=90)
     main = {(op, arch, dtype, t) for case, op, arch, dtype, t, _ in rows if case.every_target}
     for op in (spec.OP_UP, spec.OP_DOWN):
-        for dtype in g.TORCH_DTYPES:
+        for dtype in spec.DTYPE_BY_NAME:
             n = len(aot.configs(op, d=576, F=1536, expert_size=32, dtype=dtype))
             for arch in aot.ARCHS:
                 assert {(op, arch, dtype, t) for t in range(1, n + 1)} <= main

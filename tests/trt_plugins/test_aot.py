@@ -21,7 +21,7 @@ PTXAS = shutil.which("ptxas")
 
 @pytest.mark.skipif(PTXAS is None, reason="ptxas (CUDA toolkit) is not on PATH")
 @pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("dtype", list(aot.TRITON_DTYPES))
+@pytest.mark.parametrize("dtype", list(spec.DTYPE_BY_NAME))
 @pytest.mark.parametrize("arch", aot.ARCHS)
 def test_every_tactic_assembles_and_fits_a_launch(op, dtype, arch):
     """Each tactic's PTX assembles for its target; registers × threads and shared memory fit
@@ -43,7 +43,7 @@ def test_every_tactic_assembles_and_fits_a_launch(op, dtype, arch):
 def test_up_variants_assemble(activation, gated):
     launch = aot.compile_op(spec.OP_UP, arch=90, dtype="bf16", tactic=1, d=D, F=F,
                             expert_size=S, activation=activation, gated=gated)
-    assert launch.constexprs["ACTIVATION"] == tk.ACTIVATION_CODES[activation]
+    assert launch.constexprs["ACTIVATION"] == spec.ACTIVATION_CODES[activation]
     assert launch.constexprs["GATED"] == gated
     assert aot.assemble(launch)["entry"] == launch.kernel_name
 
@@ -53,7 +53,7 @@ def test_every_launch_config_meets_the_aot_rules():
     shared memory, no scratch): otherwise TensorRT serves some T with a slower kernel."""
     broken = []
     for op in OPS:
-        for dtype in aot.TRITON_DTYPES:
+        for dtype in spec.DTYPE_BY_NAME:
             n = len(aot.configs(op, d=D, F=F, expert_size=S, dtype=dtype))
             for arch in aot.ARCHS:
                 for tactic in range(1, n + 1):
