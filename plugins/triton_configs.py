@@ -16,8 +16,9 @@ from functools import lru_cache
 import torch
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _cdiv(a, b):
+    """triton.cdiv: also for trt_plugins/aot.py's symbolic sizes (+ and // only)."""
+    return (a + b - 1) // b
 
 
 def _next_power_of_2(n: int) -> int:
