@@ -34,9 +34,6 @@ MAY_IMPORT = {
     "trt_plugins": {"base", "plugins"},
     "application": {"base", "plugins", "converter", "exporters", "trt_plugins"},
 }
-# Issue 11 (validation session) removes this edge with the ONNX translation table; delete the
-# allowance when it lands.
-ALLOWED = {("lte_convert.plugins.ops", "lte_convert.exporters.symbolic")}
 
 
 def modules() -> dict[str, Path]:
@@ -95,15 +92,14 @@ def violations(g: dict[str, set[str]]) -> list[str]:
         for d in sorted(deps):
             if d == "samples":
                 bad.append(f"{m} ({room(m)}) imports samples/ (product code never does)")
-            elif ((m, d) not in ALLOWED and room(d) != room(m)
-                  and room(d) not in MAY_IMPORT[room(m)]):
+            elif room(d) != room(m) and room(d) not in MAY_IMPORT[room(m)]:
                 bad.append(f"{m} ({room(m)}) imports {d} ({room(d)})")
     return bad
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
     """One cycle per strongly connected component with more than one module (Tarjan)."""
-    g = {m: {d for d in deps if d in g and (m, d) not in ALLOWED} for m, deps in g.items()}
+    g = {m: {d for d in deps if d in g} for m, deps in g.items()}
     index, low, stack, on, found = {}, {}, [], set(), []
 
     def visit(v):
