@@ -1,31 +1,30 @@
-"""LTE training: convert, stage 1 (soft), calibrate, stage 2 (hard), calibrate, fold, save.
+"""LTE training: convert, the start, stage 1 (optional, soft), stage 2 (hard), calibrate, fold,
+save.
 
     train_lte(model_dir, data, out, sparsity) -> out        (the library entry point)
 
 Both stages run on the Hugging Face Trainer, so checkpoints, --resume, gradient accumulation,
 bf16/fp16 on GPU, progress bars and data-parallel runs (torchrun / accelerate launch) come from
-it. What this module adds (LTE.md steps 3-5):
+it. What this module adds (LTE.md steps 3-5; the recipe and its measurements:
+docs/converter-training.md and results/quality.md):
 
-Router start.  converter.surgery initialises each router from its expert's mean gate row (σ ≈
-    0.9: everything on). Before stage 1 one global bias shift (the calibration below) moves
-    the routers to the requested sparsity on held-out data, so stage 1 starts at the operating
-    point instead of spending its few steps getting there.
-Default budget.  stage1_steps=0, stage2_steps=75: at that CPU budget stage 1 hurts on SmolLM2
-    (perplexity 1068 with 50 + 25 steps against 120 with stage 2 only; docs/converter-training.md),
-    so by default the routers keep their initialisation plus calibration. Stage 1 runs when
-    stage1_steps > 0.
+The start (converter/routers.py).  Experts grouped by co-activation, every router fitted to
+    its layer's most active experts, per-layer targets allocated by measured sensitivity
+    (mean = S), each layer calibrated to its target. Saved with an atomic marker, so
+    --resume does not repeat it.
 Stage 1 (soft).  Every LTEFFN scales expert e by G_e = σ(z_e). Loss L_task + η·L_eff + λ·L_sep
     (converter/losses.py). All parameters train (routers at `router_lr`, the rest at `lr`), or
     only the routers with `routers_only=True`. η is not a user knob here: users ask for a
     sparsity, so η follows a multiplicative controller, η ← η·exp(k·(S − s_step)) clipped to
     [1e-2, 1e2] after each optimizer step, where s_step is the fraction of scores ≤ τ in the
     step's batch (all-reduced across processes and averaged over accumulated micro-batches,
-    so every rank keeps the same η and accumulation changes nothing). The routers therefore learn roughly the
-    requested sparsity, and calibration only has to correct the remainder.
-Calibration.  One global shift δ of every router's bias is found on held-out blocks so that the
-    hard mask's measured sparsity is S (converter/calibrate.py); it is applied before stage 2,
-    so stage 2 adapts the model to the masks it will be deployed with, and re-checked after.
-Stage 2 (hard).  Routers frozen; mask 1{σ(z) > τ} (selected experts unscaled); task loss only.
+    so every rank keeps the same η and accumulation changes nothing).
+Calibration.  Per layer to the allocated targets (calibrate.calibrate_layers), or one global
+    shift (`calibration="global"`), on held-out blocks, after stage 1 and after stage 2.
+Stage 2 (hard).  Mask 1{σ(z) > τ} (selected experts unscaled); the task loss, optionally mixed
+    with distillation from the frozen original (`distill`). With `hold_sparsity` every
+    layer's router bias is moved after each optimizer step to the quantile of that step's
+    margins (all micro-batches and processes), so no layer drifts from its target.
 Fold.  −logit(τ) + offset goes into the router bias (converter.checkpoint.fold); the folded
     model is saved as an LTE checkpoint with per-layer sparsity in lte.json.
 
