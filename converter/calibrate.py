@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lte_convert.converter.evaluate import measure
+from lte_convert.converter.routers import quantile
 
 
 @dataclass
@@ -49,10 +50,7 @@ def shift_routers(model, delta: float):
 
 def _newton(margins: list[torch.Tensor], target: float) -> float:
     """d such that mean_l fraction(margin_l + d ≤ 0) ≈ target, inputs held fixed."""
-    pooled = torch.cat([m.float() for m in margins if m.numel()])
-    return -float(torch.quantile(pooled[torch.randperm(len(pooled),
-                                                       generator=torch.Generator().manual_seed(0))
-                                        [:4_000_000]], target))
+    return -quantile(torch.cat([m.float() for m in margins if m.numel()]), target)
 
 
 def calibrate(model, blocks: torch.Tensor, target: float, *, batch_size: int = 8,
@@ -102,15 +100,11 @@ class LayerCalibration:
 
 def target_shift(margins: torch.Tensor, target: float) -> float:
     """The shift that leaves `target` of these margins ≤ 0 (0: all on, 1: all off)."""
-    margins = margins.float().flatten()
     if target <= 0:
-        return 1.0 - float(margins.min())
+        return 1.0 - float(margins.float().min())
     if target >= 1:
-        return -1.0 - float(margins.max())
-    if len(margins) > 4_000_000:
-        margins = margins[torch.randperm(len(margins), generator=torch.Generator().manual_seed(0))
-                          [:4_000_000]]
-    return -float(torch.quantile(margins, target))
+        return -1.0 - float(margins.float().max())
+    return -quantile(margins, target)
 
 
 @torch.no_grad()

@@ -71,6 +71,15 @@ def ffn_inputs(model, lte: list[LTEFFN], blocks: torch.Tensor, batch_size: int =
     return [torch.cat(x)[:max_tokens] for x in xs]
 
 
+def quantile(values: torch.Tensor, q: float) -> float:
+    """torch.quantile of the flattened values in fp32, on a fixed 4M-element sample when
+    there are more (torch.quantile's input limit)."""
+    v = values.float().flatten()
+    if len(v) > 4_000_000:
+        v = v[torch.randperm(len(v), generator=torch.Generator().manual_seed(0))[:4_000_000]]
+    return float(torch.quantile(v, q))
+
+
 @torch.no_grad()
 def expert_energy(ffn: LTEFFN, x: torch.Tensor) -> torch.Tensor:
     """E [T, E] = ‖h_e(x_t)‖² per token and expert."""
@@ -81,14 +90,7 @@ def expert_energy(ffn: LTEFFN, x: torch.Tensor) -> torch.Tensor:
 
 def oracle_mask(energy: torch.Tensor, sparsity: float) -> torch.Tensor:
     """[T, E] bool: the experts above the layer's sparsity-quantile of energy."""
-    return energy > _quantile(energy.flatten(), sparsity)
-
-
-def _quantile(v: torch.Tensor, q: float) -> float:
-    v = v.float().flatten()
-    if len(v) > 4_000_000:
-        v = v[torch.randperm(len(v), generator=torch.Generator().manual_seed(0))[:4_000_000]]
-    return float(torch.quantile(v, q))
+    return energy > quantile(energy.flatten(), sparsity)
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def fit_routers(lte: list[LTEFFN], xs: list[torch.Tensor], sparsity: float, step
     with torch.no_grad():
         z = torch.bmm(x, weight.transpose(1, 2)) + bias                        # [L, T, E]
         for m, zl, bl, wl, tl in zip(lte, z, bias[:, 0], weight, targets):
-            shift = _quantile(zl - ffn_threshold(m), sparsity)
+            shift = quantile(zl - ffn_threshold(m), sparsity)
             on = zl - shift - ffn_threshold(m) > 0
             m.router.weight.copy_(wl.to(r0.weight.device, r0.weight.dtype))
             m.router.bias.copy_((bl - shift).to(r0.bias.device, r0.bias.dtype))
@@ -164,7 +166,7 @@ def set_layer_sparsity(ffn: LTEFFN, x: torch.Tensor, sparsity: float) -> float:
     """Shift ffn's router bias so that `sparsity` of x's (token, expert) pairs are off;
     returns the shift added."""
     z = ffn.router_logits(x.to(ffn.router.weight.device, ffn.router.weight.dtype))
-    shift = -_quantile(z - ffn_threshold(ffn), sparsity)
+    shift = -quantile(z - ffn_threshold(ffn), sparsity)
     ffn.router.bias += shift
     return shift
 
