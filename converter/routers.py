@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from lte_convert.converter.adapters import blocks as adapter_blocks, get_adapter
 from lte_convert.converter.grouping import expert_permutation
 from lte_convert.converter.lte_ffn import LTEFFN
 
@@ -174,29 +176,84 @@ def set_layer_sparsity(ffn: LTEFFN, x: torch.Tensor, sparsity: float) -> float:
 # ---------------------------------------------------------------------------------------
 # per-layer sparsity allocation
 # ---------------------------------------------------------------------------------------
+class _Replay(nn.Module):
+    """Stands in for a block whose outputs on the sensitivity blocks are known: returns them
+    (one per batch, in order) instead of computing them. Attribute lookups the model's layer
+    loop makes (for example `attention_type`) fall through to the block."""
+
+    def __init__(self, block: nn.Module, outputs: list):
+        super().__init__()
+        self.block = block
+        self.outputs = outputs
+        self.calls = 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args, **kwargs):
+        out = self.outputs[self.calls % len(self.outputs)]
+        self.calls += 1
+        if isinstance(out, tuple):          # a copy: the model may update it in place
+            return tuple(o.clone() if torch.is_tensor(o) else o for o in out)
+        return out.clone()
+
+
 @torch.no_grad()
 def sensitivity(model, lte: list[LTEFFN], xs: list[torch.Tensor], blocks: torch.Tensor,
-                levels=LEVELS, batch_size: int = 8) -> list[list[float]]:
-    """costs[l][k]: loss increase with only layer l hard-masked at levels[k] on `blocks`."""
+                levels=LEVELS, batch_size: int = 8, task: str = "clm",
+                tokenizer=None) -> list[list[float]]:
+    """costs[l][k]: loss increase of the model's task (`task`, evaluate.measure) with only
+    layer l hard-masked at levels[k] on `blocks`.
+
+    The blocks before layer l are dense in every one of its passes, so their outputs are
+    recorded once (the dense pass) and replayed (_Replay): layer l's passes compute only the
+    blocks from l on. The costs are those of full forward passes (tested).
+    """
     from lte_convert.converter.evaluate import measure
+    from lte_convert.converter.surgery import lte_modules
+
+    kw = dict(batch_size=batch_size, task=task, tokenizer=tokenizer)
+    index = {id(m): i for i, m in lte_modules(model)}
+    _, layers = adapter_blocks(model, get_adapter(model.config))
+    outputs = [[] for _ in layers]
+
+    def record(k):
+        def fn(_module, _args, out):
+            outputs[k].append(out)
+        return fn
 
     modes = [m.mode for m in lte]
     for m in lte:
         m.set_mode("dense")
+    handles = [b.register_forward_hook(record(k)) for k, b in enumerate(layers)]
     try:
-        base = measure(model, blocks, batch_size=batch_size).nll
+        base = measure(model, blocks, **kw).nll
+        for h in handles:
+            h.remove()
         costs = []
         for m, x in zip(lte, xs):
+            first = index[id(m)]
+            for k in range(first):
+                layers[k] = _Replay(layers[k], outputs[k])
             bias = m.router.bias.clone()
             m.set_mode("hard")
             row = []
-            for level in levels:
-                set_layer_sparsity(m, x, level)
-                row.append(measure(model, blocks, batch_size=batch_size).nll - base)
-                m.router.bias.copy_(bias)
-            m.set_mode("dense")
+            try:
+                for level in levels:
+                    set_layer_sparsity(m, x, level)
+                    row.append(measure(model, blocks, **kw).nll - base)
+                    m.router.bias.copy_(bias)
+            finally:
+                m.set_mode("dense")
+                for k in range(first):
+                    layers[k] = layers[k].block
             costs.append(row)
     finally:
+        for h in handles:
+            h.remove()
         for m, mode in zip(lte, modes):
             m.set_mode(mode)
     return costs

@@ -415,7 +415,7 @@ def _load_state(model, folder: Path):
 
 
 def _start(model, lte, blocks, calib, cfg: TrainConfig, sparsity: float, targets_given,
-           seed: int) -> dict:
+           seed: int, task: str, tokenizer) -> dict:
     """Group, fit and allocate (converter/routers.py); returns what the start decided."""
     from lte_convert.converter.routers import (allocate, coactivation_permutation, ffn_inputs,
                                                fit_routers, sensitivity, set_layer_sparsity)
@@ -444,7 +444,7 @@ def _start(model, lte, blocks, calib, cfg: TrainConfig, sparsity: float, targets
         sens = spread(blocks.train, cfg.sensitivity_blocks)
         progress(f"start: measuring {len(lte)} layers' sensitivity on {len(sens)} blocks"
                  + took())
-        costs = sensitivity(model, lte, xs, sens)
+        costs = sensitivity(model, lte, xs, sens, task=task, tokenizer=tokenizer)
         targets = allocate(costs, sparsity)
     else:
         targets = [sparsity] * len(lte)
@@ -524,7 +524,8 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
         start = _read_marker(done0)
         _load_state(model, work / "start")
     else:
-        start = _start(model, lte, blocks, calib, cfg, sparsity, layer_sparsity, cfg.seed)
+        start = _start(model, lte, blocks, calib, cfg, sparsity, layer_sparsity, cfg.seed,
+                       task, tokenizer)
         if state.is_main_process:
             model.save_pretrained(work / "start")
             _write_marker(done0, start)

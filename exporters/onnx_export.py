@@ -2,6 +2,7 @@
 
     LTE checkpoint ─► load (dtype) ─► check it fits the dtype ─► wrap (KV cache or not)
         ─► torch.onnx.export(dynamo=True, opset 19, dynamic batch/seq axes)
+        ─► fold constants, drop unused nodes, constants become initializers
         ─► count the lte nodes (a silent fallback exporter drops them) ─► attach the functions
         ─► metadata ─► save to a temporary file (external data past the threshold)
         ─► onnx.checker on it ─► rename onto --out (an existing --out only with overwrite)
@@ -14,6 +15,12 @@ Memory: the exported graph's initializers are views of the model's parameters, a
 ONNXProgram.save streams them to disk, so peak memory is about the model's size in the
 export dtype plus tracing overhead (measured in results/exporters.md) — never a second copy
 through a ModelProto, which doubles it and fails past 2 GB.
+
+Graph clean-up: torch.onnx's own `optimize=True` (onnxscript's optimizer, whose pattern
+rewriter tries every rule on every node, twice) took 89 of the 149 s that exporting SmolLM2
+took on 2 CPU cores; constant folding and dead-node removal alone take under a second. The
+file has more nodes (4,550 against 2,395) and the same outputs bit for bit; ONNX Runtime fuses
+at session creation either way (decode step 38.6 vs 38.0 ms, the same session time).
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
 import torch
 
 from lte_convert.atomic import atomic_path, fsync
@@ -121,9 +130,14 @@ def export_model(model, out, *, info: dict | None = None, kv_cache: bool = True,
             wrapper, (), kwargs=kwargs, dynamo=True, dynamic_shapes=shapes,
             input_names=wrappers.input_names(n_layers, kv_cache),
             output_names=wrappers.output_names(n_layers, kv_cache),
-            opset_version=OPSET, verbose=False,
+            opset_version=OPSET, verbose=False, optimize=False,
             custom_translation_table=symbolic.translation_table())
     graph = program.model
+    onnxscript.optimizer.fold_constants(graph)
+    ir.passes.Sequential(
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+    )(graph)
 
     counts = count_custom_nodes(graph)
     if counts != {spec.OP_UP: len(modules), spec.OP_DOWN: len(modules)}:

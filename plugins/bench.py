@@ -109,9 +109,9 @@ def dense_ffn(x, L):
                     L["w_down"])
 
 
-def sparse_ffn(x, m, L):
+def sparse_ffn(x, m, L, expert_size):
     return torch.ops.lte.sparse_ffn(x, m, L["w_gate"], L["w_up"], L["w_down_t"], None, None,
-                                    None, EXPERT_SIZE, "silu")
+                                    None, expert_size, "silu")
 
 
 def _time_cpu(fn, reps, clock):
@@ -174,7 +174,8 @@ def bar(row):
 
 def bench_one(shape_name, sparsity, tokens, args, layers, device, clock):
     d, F_, _ = SHAPES[shape_name]
-    E = F_ // EXPERT_SIZE
+    s = args.expert_size
+    E = F_ // s
     n = len(layers)
     if args.masks:
         masks = recorded_masks(args.masks, n, tokens, E, device)
@@ -184,7 +185,7 @@ def bench_one(shape_name, sparsity, tokens, args, layers, device, clock):
     xs = [torch.randn(tokens, d, generator=g).to(args.dtype).to(device) for _ in range(n)]
     outs = [torch.empty(tokens, d, dtype=args.dtype, device=device) for _ in range(n)]
     union = statistics.mean(float(m.any(0).float().mean()) for m in masks)
-    width = round(union * E) * EXPERT_SIZE                 # the ideal: dense at this width
+    width = round(union * E) * s                           # the ideal: dense at this width
     ideal = make_layers(d, width, n, args.dtype, device, seed=2, paired=False, sparse=False) \
         if 0 < width < F_ else None
 
@@ -198,7 +199,7 @@ def bench_one(shape_name, sparsity, tokens, args, layers, device, clock):
 
     def run_sparse():
         for x, m, L, o in zip(xs, masks, layers, outs):
-            o.copy_(sparse_ffn(x, m, L))
+            o.copy_(sparse_ffn(x, m, L, s))
 
     fns = {"dense": run_dense, **({"ideal": run_ideal} if ideal else {}), "sparse": run_sparse}
     with torch.inference_mode():
@@ -206,7 +207,8 @@ def bench_one(shape_name, sparsity, tokens, args, layers, device, clock):
     del ideal
     if args.masks:                                  # the recorded masks' own mean sparsity
         sparsity = 1.0 - statistics.mean(float(m.float().mean()) for m in masks)
-    row = {"shape": shape_name, "d": d, "d_ff": F_, "sparsity": sparsity, "tokens": tokens,
+    row = {"shape": shape_name, "d": d, "d_ff": F_, "expert_size": s, "sparsity": sparsity,
+           "tokens": tokens,
            "layers_rotated": n, "dtype": str(args.dtype).replace("torch.", ""),
            "device": device.type, "union_density": union, "ideal_width": width,
            "clock": args.clock, "threads": torch.get_num_threads(),
@@ -239,14 +241,15 @@ def print_table(rows, host=None):
     graphs = any("speedup_graph" in r for r in rows)
     title = "lte.SparseFFN vs dense PyTorch (median ms per FFN layer)"
     table = Table(title=title + (f"\non {host_line(host)}" if host else ""))
-    cols = ["shape", "dtype", "sparsity", "tokens", "union", "dense ms", "ideal ms",
+    cols = ["shape", "expert", "dtype", "sparsity", "tokens", "union", "dense ms", "ideal ms",
             "sparse ms", "speed-up", "of ideal", "bar"]
     if graphs:
         cols += ["dense graph ms", "sparse graph ms", "graph speed-up", "graph of ideal"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
-        cells = [r["shape"], r["dtype"], f"{r['sparsity']:.2f}", str(r["tokens"]),
+        cells = [r["shape"], str(r.get("expert_size", EXPERT_SIZE)), r["dtype"], f"{r['sparsity']:.2f}",
+                 str(r["tokens"]),
                  f"{r['union_density']:.2f}", f"{r['dense_ms']:.3f}", f"{r['ideal_ms']:.3f}",
                  f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}x",
                  f"{r['fraction_of_ideal']:.2f}",
@@ -283,6 +286,8 @@ def parser():
                         "capped by --max-gib)")
     p.add_argument("--max-gib", type=float, default=4.0,
                    help="memory cap for the rotated weights (default 4 GiB)")
+    p.add_argument("--expert-size", type=int, default=EXPERT_SIZE,
+                   help=f"neurons per expert (default {EXPERT_SIZE}; must divide d_ff)")
     p.add_argument("--reps", type=int, default=15, help="repeats; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -327,6 +332,9 @@ def main(argv=None):
             raise UserError(f"Unknown shape {shape_name!r} in --shapes; choose from "
                             f"{', '.join(SHAPES)}.")
         d, F_, model_layers = SHAPES[shape_name]
+        if args.expert_size < 1 or F_ % args.expert_size:
+            raise UserError(f"--expert-size {args.expert_size} does not divide the {shape_name} "
+                            f"FFN width {F_}; choose a divisor such as 8, 16 or 32.")
         if device.type == "cpu":
             tunings[shape_name] = plan_numbers(d, F_, args.dtype, args.calibrate)
         per_layer = 4 * F_ * d * torch.finfo(args.dtype).bits / 8  # gate, up, down, down_t

@@ -56,6 +56,9 @@ ABLATIONS = {                                  # name: what replaces the default
     "experts of 16": {"expert_size": 16},
     "sensitivity on 2 blocks": {"sensitivity_blocks": 2},
     "lr 5e-5": {"lr": 5e-5},
+    "lr 2e-4": {"lr": 2e-4},
+    "distill 1.0": {"distill": 1.0},
+    "experts of 8": {"expert_size": 8},
 }
 
 
@@ -67,7 +70,7 @@ def _cpu() -> float:
 def _measure(model, sets) -> dict:
     a, b = (measure(model, s, batch_size=8) for s in sets)
     return {"perplexity": a.perplexity, "accuracy": a.accuracy, "sparsity": a.sparsity,
-            "kjv_perplexity": b.perplexity}
+            "kjv_perplexity": b.perplexity, "kjv_sparsity": b.sparsity}
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,7 +224,8 @@ def main():
         row.update(wall_s=round(time.time() - t, 1), cpu_s=round(_cpu() - c, 1))
         res["rows"][name] = row
         print(f"{name:26s} ppl {row['perplexity']:8.2f}  acc {row['accuracy']:.4f}  "
-              f"sparsity {row['sparsity']:.3f}  KJV {row['kjv_perplexity']:8.2f}  "
+              f"sparsity {row['sparsity']:.3f}  KJV {row['kjv_perplexity']:8.2f} "
+              f"(sparsity {row['kjv_sparsity']:.3f})  "
               f"{row['wall_s']:6.0f} s", flush=True)
         res["bars"] = [list(b) for b in bars(res["rows"], a.budget)]
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,8 @@ import click
               "(default: the model's layer count, capped by --max-gib).")
 @click.option("--max-gib", type=float, default=4.0, show_default=True,
               help="Memory cap for the rotated weights.")
+@click.option("--expert-size", type=int, default=32, show_default=True,
+              help="Neurons per expert (must divide the shape's FFN width).")
 @click.option("--reps", type=int, default=None,
               help="Repeats; the median is reported (default 15, with --decode 5).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
@@ -39,8 +41,8 @@ import click
               help="With --decode: an LTE checkpoint folder.")
 @click.option("--new-tokens", type=int, default=32, show_default=True,
               help="With --decode: tokens to generate.")
-def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, threads, clock, masks,
-          unpaired, json_path, calibrate, decode, model, new_tokens):
+def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, expert_size, reps, threads,
+          clock, masks, unpaired, json_path, calibrate, decode, model, new_tokens):
     """Benchmark lte.SparseFFN against dense PyTorch; prints a table, writes JSON."""
     if decode:
         from lte_convert import bench_decode
@@ -57,7 +59,8 @@ def bench(shapes, sparsity, tokens, dtype, device, layers, max_gib, reps, thread
         return
     from lte_convert.plugins import bench as bench_ffn
     argv = ["--shapes", shapes, "--sparsity", sparsity, "--tokens", tokens,
-            "--max-gib", str(max_gib), "--reps", str(reps or 15), "--clock", clock]
+            "--max-gib", str(max_gib), "--reps", str(reps or 15), "--clock", clock,
+            "--expert-size", str(expert_size)]
     for flag, value in (("--dtype", dtype), ("--device", device), ("--layers", layers),
                         ("--threads", threads), ("--masks", masks), ("--json", json_path)):
         if value is not None:

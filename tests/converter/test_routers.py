@@ -10,10 +10,12 @@ from lte_convert.converter.calibrate import calibrate_layers
 from lte_convert.converter.data import pack, read_documents, spread
 from lte_convert.converter.routers import (allocate, coactivation_permutation, expert_energy,
                                            ffn_inputs, fit_routers, oracle_mask,
-                                           set_layer_sparsity)
+                                           sensitivity, set_layer_sparsity)
+from lte_convert.converter.evaluate import measure
 from lte_convert.converter.surgery import convert_model, lte_modules, regroup
 from lte_convert.loading import load_lm
 from lte_convert.default import glassllm_model_dir, shakespeare_texts
+from tests.tiny_models import random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +92,30 @@ def test_per_layer_calibration_hits_each_target(glass):
     cal = calibrate_layers(m, test, targets)
     assert all(abs(s - t) <= 0.005 for s, t in zip(cal.layer_sparsity, targets)), cal
     assert cal.sparsity == pytest.approx(0.5, abs=0.005)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "phi", "bloom"])
+def test_sensitivity_with_replayed_blocks_equals_full_forward_passes(family):
+    model, _ = tiny_model(family, num_hidden_layers=3) if family not in ("gpt2", "bloom") \
+        else tiny_model(family, n_layer=3)
+    m = convert_model(model, expert_size=32, grouping="none")
+    lte = [f for _, f in lte_modules(m)]
+    blocks = random_ids(batch=3, seq=16)
+    xs = ffn_inputs(m, lte, blocks)
+    costs = sensitivity(m, lte, xs, blocks, batch_size=2)
+    for f in lte:
+        f.set_mode("dense")
+    base = measure(m, blocks, batch_size=2).nll
+    want = []
+    for f, x in zip(lte, xs):
+        bias = f.router.bias.clone()
+        f.set_mode("hard")
+        row = []
+        for level in (0.25, 0.5, 0.75):
+            set_layer_sparsity(f, x, level)
+            row.append(measure(m, blocks, batch_size=2).nll - base)
+            f.router.bias.data.copy_(bias)
+        f.set_mode("dense")
+        want.append(row)
+    torch.testing.assert_close(torch.tensor(costs), torch.tensor(want), atol=1e-6, rtol=0)
+    assert max(abs(c) for r in want for c in r) > 1e-5      # masking changed the loss

@@ -6,6 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from lte_convert.errors import UserError
 from lte_convert.plugins import bench, cpu_tuning
 from lte_convert.commands.bench import bench as bench_command
 
@@ -54,3 +55,21 @@ def test_host_line_names_cpu_isa_threads_and_versions():
     line = bench.host_line(cpu_tuning.host())
     for part in ("threads", "torch", "MKL", "oneDNN"):
         assert part in line
+
+
+def test_expert_size_sets_the_mask_width_and_the_ideal(tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(bench_command, [
+        "--shapes", "smollm2", "--tokens", "1", "--sparsity", "0.5", "--layers", "2",
+        "--reps", "1", "--device", "cpu", "--expert-size", "16", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["expert_size"] == 16
+    assert row["ideal_width"] == round(row["union_density"] * 96) * 16 < 1536
+
+
+def test_expert_size_that_does_not_divide_the_width_is_refused():
+    result = CliRunner().invoke(bench_command, ["--shapes", "smollm2", "--expert-size", "40",
+                                                "--device", "cpu"])
+    assert isinstance(result.exception, UserError)
+    assert "--expert-size 40 does not divide the smollm2 FFN width 1536" in str(result.exception)
