@@ -98,6 +98,7 @@ class TrainConfig:
     lam: float = LAMBDA
     tau: float = TAU
     routers_only: bool = False
+    train_params: str = "all"           # stage 2 trains: all (but routers) | ffn (FFN weights only)
     warmup_ratio: float = 0.06
     heldout_fraction: float = 0.05
     calib_blocks: int = 32              # held-out blocks (evenly spread) to calibrate on
@@ -110,7 +111,8 @@ class TrainConfig:
 
 
 CHOICES = {"grouping": ("coactivation", "weights"), "router_init": ("fit", "mean"),
-           "allocation": ("sensitivity", "uniform"), "calibration": ("layers", "global")}
+           "allocation": ("sensitivity", "uniform"), "calibration": ("layers", "global"),
+           "train_params": ("all", "ffn")}
 
 
 def check_config(cfg: TrainConfig):
@@ -339,14 +341,20 @@ def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig
     return trainer.eta, float(result.metrics.get("train_runtime", 0.0))
 
 
-def _freeze_for_stage(model, lte, stage: int, routers_only: bool):
+def _freeze_for_stage(model, lte, stage: int, routers_only: bool, train_params: str = "all"):
+    """Stage 1: the routers and (unless routers_only) the model; stage 2: the model without
+    the routers, or with train_params="ffn" only the FFN weights (attention, norms and
+    embeddings frozen: no weight gradients or optimizer state for them)."""
     from lte_convert.converter.surgery import set_mode
 
     set_mode(model, "soft" if stage == 1 else "hard")
     router_ids = {id(p) for m in lte for p in m.router.parameters()}
+    ffn_ids = {id(p) for m in lte for p in m.parameters()} - router_ids
     for p in model.parameters():
         if id(p) in router_ids:
             p.requires_grad_(stage == 1)
+        elif stage == 2 and train_params == "ffn":
+            p.requires_grad_(id(p) in ffn_ids)
         else:
             p.requires_grad_(not (stage == 1 and routers_only))
 
@@ -543,7 +551,7 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
         _freeze_for_stage(model, lte, 1, cfg.routers_only)
         eta, secs = _run_stage(1, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
                                cfg.eta, cfg.stage1_steps, teacher)
-        _freeze_for_stage(model, lte, 2, cfg.routers_only)
+        _freeze_for_stage(model, lte, 2, cfg.routers_only, cfg.train_params)
         if cfg.stage1_steps > 0:
             calibrate_layers(model, calib, targets)
         s1 = {"eta": eta, "seconds": secs}
@@ -553,7 +561,7 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
             _write_marker(done1, s1)
         state.wait_for_everyone()
     # ---- stage 2 (hard), each layer held at its target -----------------------------------
-    _freeze_for_stage(model, lte, 2, cfg.routers_only)
+    _freeze_for_stage(model, lte, 2, cfg.routers_only, cfg.train_params)
     for m, t in zip(lte, targets):
         m.hold_target = t if cfg.hold_sparsity else None
     _, secs2 = _run_stage(2, model, lte, tokenizer, task, blocks, cfg, sparsity, work,

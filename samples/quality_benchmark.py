@@ -59,6 +59,7 @@ ABLATIONS = {                                  # name: what replaces the default
     "lr 2e-4": {"lr": 2e-4},
     "distill 1.0": {"distill": 1.0},
     "experts of 8": {"expert_size": 8},
+    "FFN weights only": {"train_params": "ffn"},
 }
 
 

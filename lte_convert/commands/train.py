@@ -67,6 +67,9 @@ TRAIN_DEFAULTS = _D = SimpleNamespace(**source_literals("lte_convert.converter.t
                    "all layers.")
 @click.option("--routers-only/--all-params", default=_D.routers_only, show_default=True,
               help="Stage 1: train only the routers (model frozen), or everything.")
+@click.option("--train-params", type=click.Choice(["all", "ffn"]), default=_D.train_params,
+              show_default=True,
+              help="Stage 2 trains every weight but the routers, or only the FFN weights.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               default=_D.precision, show_default=True,
               help="auto: bf16 (else fp16) on a CUDA GPU, fp32 on CPU.")
@@ -83,8 +86,8 @@ TRAIN_DEFAULTS = _D = SimpleNamespace(**source_literals("lte_convert.converter.t
 @trust_option
 def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_size, grad_accum,
           stage1_steps, stage2_steps, lr, router_lr, distill, grouping, router_init, allocation,
-          hold_sparsity, calibration, routers_only, precision, save_steps, seed, text_field,
-          resume, overwrite, keep_checkpoints, trust_remote_code):
+          hold_sparsity, calibration, routers_only, train_params, precision, save_steps, seed,
+          text_field, resume, overwrite, keep_checkpoints, trust_remote_code):
     """Train LTE routers on MODEL and save a folded LTE checkpoint in OUT.
 
     \b
@@ -113,7 +116,8 @@ def train(model, data, heldout, out, sparsity, expert_size, block_size, batch_si
                       stage2_steps=stage2_steps, lr=lr, router_lr=router_lr,
                       distill=distill, grouping=grouping, router_init=router_init,
                       allocation=allocation, hold_sparsity=hold_sparsity,
-                      calibration=calibration, routers_only=routers_only, precision=precision, save_steps=save_steps,
+                      calibration=calibration, routers_only=routers_only,
+                      train_params=train_params, precision=precision, save_steps=save_steps,
                       seed=seed, text_field=text_field, keep_checkpoints=keep_checkpoints)
     path = train_lte(model, list(data) or None, out, sparsity, heldout=list(heldout) or None,
                      config=cfg, resume=resume, overwrite=overwrite,
