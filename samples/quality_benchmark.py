@@ -60,6 +60,7 @@ ABLATIONS = {                                  # name: what replaces the default
     "distill 1.0": {"distill": 1.0},
     "experts of 8": {"expert_size": 8},
     "FFN weights only": {"train_params": "ffn"},
+    "50 steps at lr 2e-4": {"stage2_steps": 50, "lr": 2e-4},
 }
 
 
