@@ -8,9 +8,17 @@ import click
 
 from lte_convert.commands.options import source_literals, trust_option
 
-# TrainConfig's defaults, read from converter/train.py without importing torch
+# TrainConfig's defaults and the allowed values of its choice fields (CHOICES), read from
+# converter/train.py without importing torch
 TRAIN_DEFAULTS = _D = SimpleNamespace(**source_literals("lte_convert.converter.train",
                                                         "TrainConfig"))
+_CHOICES = source_literals("lte_convert.converter.train")["CHOICES"]
+
+
+def _choice(field: str, help: str):
+    """--FIELD with the values converter.train.CHOICES allows and TrainConfig's default."""
+    return click.option(f"--{field.replace('_', '-')}", type=click.Choice(_CHOICES[field]),
+                        default=getattr(_D, field), show_default=True, help=help)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,30 +54,25 @@ TRAIN_DEFAULTS = _D = SimpleNamespace(**source_literals("lte_convert.converter.t
 @click.option("--distill", type=float, default=_D.distill, show_default=True,
               help="Weight W of distillation from the original model: the task loss is "
                    "(1-W)*LM + W*KL(original || model). 0: LM loss only.")
-@click.option("--grouping", type=click.Choice(["coactivation", "weights"]),
-              default=_D.grouping, show_default=True,
-              help="Group neurons into experts by co-activation on the data, or by k-means on "
-                   "their weight rows.")
-@click.option("--router-init", type=click.Choice(["fit", "mean"]), default=_D.router_init,
-              show_default=True,
-              help="fit: train each router to predict its layer's most active experts before "
-                   "stage 2; mean: the experts' mean gate rows, untrained.")
-@click.option("--allocation", type=click.Choice(["sensitivity", "uniform"]),
-              default=_D.allocation, show_default=True,
-              help="Per-layer sparsity: allocated by each layer's measured loss sensitivity "
-                   "(mean = --sparsity), or the same in every layer.")
+@_choice("grouping",
+         help="Group neurons into experts by co-activation on the data, or by k-means on "
+              "their weight rows.")
+@_choice("router_init",
+         help="fit: train each router to predict its layer's most active experts before "
+              "stage 2; mean: the experts' mean gate rows, untrained.")
+@_choice("allocation",
+         help="Per-layer sparsity: allocated by each layer's measured loss sensitivity "
+              "(mean = --sparsity), or the same in every layer.")
 @click.option("--hold-sparsity/--no-hold-sparsity", default=_D.hold_sparsity,
               show_default=True,
               help="Stage 2 keeps every layer at its target sparsity after each step.")
-@click.option("--calibration", type=click.Choice(["layers", "global"]),
-              default=_D.calibration, show_default=True,
-              help="Final threshold calibration: each layer to its target, or one shift for "
-                   "all layers.")
+@_choice("calibration",
+         help="Final threshold calibration: each layer to its target, or one shift for "
+              "all layers.")
 @click.option("--routers-only/--all-params", default=_D.routers_only, show_default=True,
               help="Stage 1: train only the routers (model frozen), or everything.")
-@click.option("--train-params", type=click.Choice(["all", "ffn"]), default=_D.train_params,
-              show_default=True,
-              help="Stage 2 trains every weight but the routers, or only the FFN weights.")
+@_choice("train_params",
+         help="Stage 2 trains every weight but the routers, or only the FFN weights.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               default=_D.precision, show_default=True,
               help="auto: bf16 (else fp16) on a CUDA GPU, fp32 on CPU.")

@@ -83,8 +83,10 @@ def test_option_errors_import_no_torch(tmp_path):
 
 
 def test_defaults_read_from_source_are_the_imported_ones():
-    from lte_convert.converter.train import TrainConfig
+    from lte_convert.commands.bench import bench as bench_command
+    from lte_convert.converter.train import CHOICES, TrainConfig
     from lte_convert.exporters.onnx_export import EXTERNAL_DATA_THRESHOLD
+    from lte_convert.plugins import bench as plugins_bench
     from lte_convert.trt_plugins import builder
 
     literals = source_literals("lte_convert.converter.train", "TrainConfig")
@@ -93,3 +95,6 @@ def test_defaults_read_from_source_are_the_imported_ones():
     assert source_literals("lte_convert.trt_plugins.builder")["DEFAULT_DIMS"] == \
         builder.DEFAULT_DIMS
     assert EXTERNAL_DATA_THRESHOLD == 2 * 1024**3 - 64 * 1024**2   # the help text's default
+    assert source_literals("lte_convert.converter.train")["CHOICES"] == CHOICES
+    bench_size = next(p for p in bench_command.params if p.name == "expert_size")
+    assert bench_size.default == plugins_bench.EXPERT_SIZE    # a literal: plugins imports torch
