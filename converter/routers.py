@@ -201,6 +201,20 @@ class _Replay(nn.Module):
         return out.clone()
 
 
+def _dense_pass(model, layers, blocks, kw) -> tuple[float, list[list]]:
+    """(nll, outputs[k] = block k's output per batch) of one pass over `blocks`."""
+    from lte_convert.converter.evaluate import measure
+
+    outputs = [[] for _ in layers]
+    handles = [b.register_forward_hook(lambda _m, _a, out, k=k: outputs[k].append(out))
+               for k, b in enumerate(layers)]
+    try:
+        return measure(model, blocks, **kw).nll, outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def sensitivity(model, lte: list[LTEFFN], xs: list[torch.Tensor], blocks: torch.Tensor,
                 levels=LEVELS, batch_size: int = 8, task: str = "clm",
@@ -218,21 +232,11 @@ def sensitivity(model, lte: list[LTEFFN], xs: list[torch.Tensor], blocks: torch.
     kw = dict(batch_size=batch_size, task=task, tokenizer=tokenizer)
     index = {id(m): i for i, m in lte_modules(model)}
     _, layers = adapter_blocks(model, get_adapter(model.config))
-    outputs = [[] for _ in layers]
-
-    def record(k):
-        def fn(_module, _args, out):
-            outputs[k].append(out)
-        return fn
-
     modes = [m.mode for m in lte]
     for m in lte:
         m.set_mode("dense")
-    handles = [b.register_forward_hook(record(k)) for k, b in enumerate(layers)]
     try:
-        base = measure(model, blocks, **kw).nll
-        for h in handles:
-            h.remove()
+        base, outputs = _dense_pass(model, layers, blocks, kw)
         costs = []
         for m, x in zip(lte, xs):
             first = index[id(m)]
@@ -252,8 +256,6 @@ def sensitivity(model, lte: list[LTEFFN], xs: list[torch.Tensor], blocks: torch.
                     layers[k] = layers[k].block
             costs.append(row)
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in zip(lte, modes):
             m.set_mode(mode)
     return costs
