@@ -248,7 +248,7 @@ def print_table(rows, host=None):
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
-        cells = [r["shape"], str(r.get("expert_size", EXPERT_SIZE)), r["dtype"], f"{r['sparsity']:.2f}",
+        cells = [r["shape"], str(r["expert_size"]), r["dtype"], f"{r['sparsity']:.2f}",
                  str(r["tokens"]),
                  f"{r['union_density']:.2f}", f"{r['dense_ms']:.3f}", f"{r['ideal_ms']:.3f}",
                  f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}x",
