@@ -190,3 +190,19 @@ def test_one_process_on_several_gpus_is_refused(monkeypatch):
         train_mod._check_devices()
     monkeypatch.setenv("WORLD_SIZE", "2")
     train_mod._check_devices()
+
+
+@pytest.mark.parametrize("train_params", ["all", "ffn"])
+def test_stage2_trains_the_chosen_parameters(train_params):
+    from lte_convert.converter.surgery import convert_model, lte_modules
+    from lte_convert.converter.train import _freeze_for_stage
+    from tests.tiny_models import tiny_model
+
+    model = convert_model(tiny_model("llama")[0], expert_size=32, grouping="none")
+    lte = [m for _, m in lte_modules(model)]
+    _freeze_for_stage(model, lte, 2, routers_only=False, train_params=train_params)
+    router = {id(p) for m in lte for p in m.router.parameters()}
+    ffn = {id(p) for m in lte for p in m.parameters()} - router
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert ffn <= trained and not trained & router
+    assert (trained == ffn) == (train_params == "ffn")
