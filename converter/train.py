@@ -90,19 +90,20 @@ class TrainConfig:
     fit_steps: int = 400
     sensitivity_blocks: int = 4
     stage1_steps: int = 0               # the paper's soft stage (results/quality.md ablation)
-    stage2_steps: int = 75
-    lr: float = 1e-4                    # model weights (results/quality.md: 5e-5 gave 68.9)
+    stage2_steps: int = 50
+    lr: float = 3e-4                    # model weights (results/quality.md: the lr ablation)
     router_lr: float = 1e-3             # routers in stage 1
     eta: float = 1.0                    # initial η; the controller adapts it (see module doc)
     eta_gain: float = 0.1
     lam: float = LAMBDA
     tau: float = TAU
     routers_only: bool = False
-    train_params: str = "all"           # stage 2 trains: all (but routers) | ffn (FFN weights only)
+    train_params: str = "body"          # stage 2 trains: all (but routers) | body (also not the
+                                        # token embeddings / tied LM head) | ffn (FFN weights only)
     warmup_ratio: float = 0.06
     heldout_fraction: float = 0.05
     calib_blocks: int = 32              # held-out blocks (evenly spread) to calibrate on
-    save_steps: int = 20
+    save_steps: int = 50
     precision: str = "auto"             # auto | fp32 | bf16 | fp16 (bf16/fp16 need a GPU)
     seed: int = 0
     text_field: str = "text"
@@ -112,7 +113,7 @@ class TrainConfig:
 
 CHOICES = {"grouping": ("coactivation", "weights"), "router_init": ("fit", "mean"),
            "allocation": ("sensitivity", "uniform"), "calibration": ("layers", "global"),
-           "train_params": ("all", "ffn")}
+           "train_params": ("all", "body", "ffn")}
 
 
 def check_config(cfg: TrainConfig):
@@ -194,7 +195,11 @@ class LTETrainer(Trainer):
             groups = [{"params": g, "lr": lr, "weight_decay": 0.0}
                       for g, lr in ((rest, self.args.learning_rate), (routers, self.cfg.router_lr))
                       if g]
-            self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+            # fused: one kernel per step over all tensors (CPU and CUDA), 4x faster than the
+            # per-tensor loop on CPU: 0.09 vs 0.37 s per step for SmolLM2-135M on 2 cores
+            fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+            self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8,
+                                               fused=fused)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -343,18 +348,22 @@ def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig
 
 def _freeze_for_stage(model, lte, stage: int, routers_only: bool, train_params: str = "all"):
     """Stage 1: the routers and (unless routers_only) the model; stage 2: the model without
-    the routers, or with train_params="ffn" only the FFN weights (attention, norms and
-    embeddings frozen: no weight gradients or optimizer state for them)."""
+    the routers; with train_params="body" also without the input embeddings (and the LM head
+    when it is tied to them: no gradient for the [vocab, d] matrix, ~9% of a SmolLM2 step);
+    with "ffn" only the FFN weights (attention, norms and embeddings frozen)."""
     from lte_convert.converter.surgery import set_mode
 
     set_mode(model, "soft" if stage == 1 else "hard")
     router_ids = {id(p) for m in lte for p in m.router.parameters()}
     ffn_ids = {id(p) for m in lte for p in m.parameters()} - router_ids
+    embed_ids = {id(p) for p in model.get_input_embeddings().parameters()}
     for p in model.parameters():
         if id(p) in router_ids:
             p.requires_grad_(stage == 1)
         elif stage == 2 and train_params == "ffn":
             p.requires_grad_(id(p) in ffn_ids)
+        elif stage == 2 and train_params == "body":
+            p.requires_grad_(id(p) not in embed_ids)
         else:
             p.requires_grad_(not (stage == 1 and routers_only))
 
@@ -544,7 +553,9 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
 
     # ---- stage 1 (soft, optional), then calibrate ----------------------------------------
     done1 = work / "stage1.json"
-    if done1.is_file():
+    if cfg.stage1_steps <= 0:            # no stage 1: the start is stage 2's start
+        s1 = {"eta": cfg.eta, "seconds": 0.0}
+    elif done1.is_file():
         s1 = _read_marker(done1)
         _load_state(model, work / "stage1-final")
     else:
@@ -552,8 +563,7 @@ def train_lte(model_dir=None, data: DataSource | None = None, out="lte-model",
         eta, secs = _run_stage(1, model, lte, tokenizer, task, blocks, cfg, sparsity, work,
                                cfg.eta, cfg.stage1_steps, teacher)
         _freeze_for_stage(model, lte, 2, cfg.routers_only, cfg.train_params)
-        if cfg.stage1_steps > 0:
-            calibrate_layers(model, calib, targets)
+        calibrate_layers(model, calib, targets)
         s1 = {"eta": eta, "seconds": secs}
         if state.is_main_process:
             with atomic_path(work / "stage1-final", is_dir=True) as tmp:

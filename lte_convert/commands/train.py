@@ -72,7 +72,8 @@ def _choice(field: str, help: str):
 @click.option("--routers-only/--all-params", default=_D.routers_only, show_default=True,
               help="Stage 1: train only the routers (model frozen), or everything.")
 @_choice("train_params",
-         help="Stage 2 trains every weight but the routers, or only the FFN weights.")
+         help="Stage 2 trains every weight but the routers (all), also not the token "
+              "embeddings and a tied LM head (body), or only the FFN weights (ffn).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               default=_D.precision, show_default=True,
               help="auto: bf16 (else fp16) on a CUDA GPU, fp32 on CPU.")

@@ -148,9 +148,11 @@ def test_default_cli_run_on_smollm2_hits_the_default_sparsity(tmp_path):
 def test_zero_steps_skips_a_stage(tmp_path):
     train, heldout = _data()
     out = train_lte(glassllm_model_dir(), train, tmp_path / "z", 0.5, heldout=heldout,
-                    config=_cfg(stage1_steps=0, stage2_steps=2))
+                    config=_cfg(stage1_steps=0, stage2_steps=2, keep_checkpoints=True))
     info = json.loads((out / "lte.json").read_text())
     assert info["training"]["stage1_seconds"] == 0.0 and abs(info["sparsity"] - 0.5) <= 0.005
+    work = sorted(p.name for p in (tmp_path / "z.lte-work").iterdir())
+    assert work == ["stage2", "start", "start.json"]        # no copy of the start for stage 1
 
 
 def test_a_damaged_resume_marker_is_a_clear_error(tmp_path):
@@ -192,7 +194,7 @@ def test_one_process_on_several_gpus_is_refused(monkeypatch):
     train_mod._check_devices()
 
 
-@pytest.mark.parametrize("train_params", ["all", "ffn"])
+@pytest.mark.parametrize("train_params", ["all", "body", "ffn"])
 def test_stage2_trains_the_chosen_parameters(train_params):
     from lte_convert.converter.surgery import convert_model, lte_modules
     from lte_convert.converter.train import _freeze_for_stage
@@ -203,6 +205,8 @@ def test_stage2_trains_the_chosen_parameters(train_params):
     _freeze_for_stage(model, lte, 2, routers_only=False, train_params=train_params)
     router = {id(p) for m in lte for p in m.router.parameters()}
     ffn = {id(p) for m in lte for p in m.parameters()} - router
+    embed = {id(p) for p in model.get_input_embeddings().parameters()}
+    everything = {id(p) for p in model.parameters()}
     trained = {id(p) for p in model.parameters() if p.requires_grad}
-    assert ffn <= trained and not trained & router
-    assert (trained == ffn) == (train_params == "ffn")
+    assert trained == {"all": everything - router, "body": everything - router - embed,
+                       "ffn": ffn}[train_params]
