@@ -81,10 +81,15 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _measure_set(model, blocks, prefix="") -> dict:
+    m = measure(model, blocks, batch_size=8)
+    return {f"{prefix}perplexity": m.perplexity, f"{prefix}accuracy": m.accuracy,
+            f"{prefix}sparsity": m.sparsity}
+
+
 def _measure(model, sets) -> dict:
-    a, b = (measure(model, s, batch_size=8) for s in sets)
-    return {"perplexity": a.perplexity, "accuracy": a.accuracy, "sparsity": a.sparsity,
-            "kjv_perplexity": b.perplexity, "kjv_sparsity": b.sparsity}
+    """The plays' numbers (keys as they are), then the KJV's (keys prefixed kjv_)."""
+    return {**_measure_set(model, sets[0]), **_measure_set(model, sets[1], "kjv_")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,6 +138,7 @@ def _dense_finetune(cfg: TrainConfig, work: Path):
     """The original model through LTE's own trainer (same loss, steps, lr), no LTE layers."""
     from lte_convert.converter.train import _run_stage
 
+    shutil.rmtree(work, ignore_errors=True)        # a checkpoint there would be resumed
     model, tok, task = load_lm(default_model_dir())
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill > 0 else None
     if cfg.train_params == "body":                 # the same parameters as LTE's stage 2
@@ -239,10 +245,12 @@ def main():
             if kind == "expert" and groups is None:
                 train = make_blocks(tok, read_documents(shakespeare_texts()[0]), 128).train
                 groups = _coactivation_groups(model, spread(train, 16))
-            stats = []
+            stats = []                               # the masks' sparsity, per eval set
             handles = _oracle_hooks(model, float(s), groups if kind == "expert" else None, stats)
-            row = _measure(model, sets)
-            row["sparsity"] = sum(stats) / len(stats)
+            row = _measure_set(model, sets[0])
+            row["sparsity"], n = sum(stats) / len(stats), len(stats)
+            row.update(_measure_set(model, sets[1], "kjv_"))
+            row["kjv_sparsity"] = sum(stats[n:]) / (len(stats) - n)
             for h in handles:
                 h.remove()
         elif name == "dense FT":
