@@ -82,13 +82,13 @@ def _gemms(w, starts, runs, xt, halves):
     xt = xt.float()
     if k == 2:
         xt2 = xt.expand(2, -1, -1)
-        return torch.cat([torch.bmm(w[:, b:b + r].float(), xt2) for b, r in zip(starts, runs)],
-                         1)
+        outs = [torch.bmm(w[:, b:b + r].float(), xt2) for b, r in zip(starts, runs)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     w0, n, xt2 = w[0], xt.shape[1], xt.expand(2, -1, -1)
     outs = [torch.bmm(w0[b:b + r].view(2, -1, d).float(), xt2).view(r, n)
             if halves and r % 2 == 0 else torch.mm(w0[b:b + r].float(), xt)
             for b, r in zip(starts, runs)]
-    return torch.cat(outs)[None]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs))[None]
 
 
 def _up_packed(x2, mask2, stacks, gated, b_gate, b_up, s, activation, plan):
@@ -111,6 +111,8 @@ def _down_packed(h, starts, runs, rows, w_down_t, b_down, bag=True):
     if h.shape[1] == 1 and bag and h.dtype == torch.float32:
         y = F.embedding_bag(rows, w_down_t, _OFFSET0, per_sample_weights=h.view(-1),
                             mode="sum")
+    elif len(runs) == 1:
+        y = torch.mm(h.float().t(), w_down_t[starts[0]:starts[0] + runs[0]].float())
     else:
         y = torch.zeros(h.shape[1], w_down_t.shape[1])
         for b, r, h_run in zip(starts, runs, h.float().split(runs)):

@@ -26,8 +26,9 @@ Cost of a plan in µs, from the measured numbers of a Tuning (one Kernel per way
 
 The op runs the cheapest of the sparse plan, the full plan and dense; the dense computation
 is what PyTorch would run anyway, so the op is not slower than dense because of its plan.
-When even one block holding every active expert is predicted slower than dense, the blocks
-are not planned at all (no nonzero, no Python loop).
+When even one block holding every active expert is predicted slower than dense, or every
+expert is active (sparsity 0: the blocks would be the full plan, planned in a Python loop over
+the experts), the blocks are not planned at all.
 
 Batches (n > 1) are planned with the one-token numbers (a GEMM of a few tokens reads the same
 weight bytes); bf16/fp16 batches and fp32 batches whose union covers more than `dense_union`
@@ -237,7 +238,7 @@ def choose(union: torch.Tensor, n: int, F_: int, d: int, s: int, gated: bool, pa
     count = active.numel()
     if count == 0:
         return Plan((), (), active, active, False, shape.options[0][3], one)
-    if count < shape.most:
+    if count < min(shape.most, E):             # a full union is the full plan or dense
         planned = _blocks(active, s, shape.gaps)
         sizes = {gap: (len(p[1]), sum(p[1])) for gap, p in planned.items()}
         us = shape.best
@@ -250,6 +251,6 @@ def choose(union: torch.Tensor, n: int, F_: int, d: int, s: int, gated: bool, pa
             starts, runs, experts, merged = planned[gap]
             return Plan(starts, runs, rows_of(experts, s), experts, merged, up, bag)
     if shape.full and shape.full[0] < shape.dense:              # ties go dense
-        return Plan((0,), (F_,), torch.arange(F_), torch.arange(E), True, shape.full[1],
+        return Plan((0,), (F_,), torch.arange(F_), torch.arange(E), count < E, shape.full[1],
                     shape.full[2])
     return None

@@ -224,8 +224,9 @@ def test_gap_cost_model_at_real_shapes():
 
 def test_sparse_path_at_real_shapes():
     """The fallback constants keep the sparse blocks for one fp32 token at SmolLM2 and
-    LLaMA2-7B shapes at 50% sparsity, paired or not; a full union is one block for one token
-    and small fp32 batches (n ≤ 2 or n·d ≤ small_nd), dense (None) past them or for bf16
+    LLaMA2-7B shapes at 50% sparsity, paired or not; a full union is one block (nothing
+    merged: only a batch's tokens are masked, each by its own experts) for one token and
+    small fp32 batches (n ≤ 2 or n·d ≤ small_nd), dense (None) past them or for bf16
     batches."""
     for F_, d in [(1536, 576), (11008, 4096)]:
         E = F_ // 32
@@ -241,7 +242,7 @@ def test_sparse_path_at_real_shapes():
     t = fallback(1536, 576)
     for n in range(1, 11):                                     # 576 wide: up to 10 tokens
         plan = cpu_plan.choose(full, n, 1536, 576, 32, True, False, True, t)
-        assert plan.starts == (0,) and plan.runs == (1536,) and plan.merged is True
+        assert plan.starts == (0,) and plan.runs == (1536,) and plan.merged is False
     assert cpu_plan.choose(full, 11, 1536, 576, 32, True, False, True, t) is None
     full = torch.ones(344, dtype=torch.bool)
     for n, d, one_block in [(2, 4096, True), (4, 4096, False), (4, 1536, True),
@@ -249,4 +250,4 @@ def test_sparse_path_at_real_shapes():
         plan = cpu_plan.choose(full, n, 11008, d, 32, True, False, True, fallback(11008, d))
         assert (plan is not None) is one_block, (n, d)
     plan = cpu_plan.choose(full[:48], 1, 1536, 576, 32, True, True, False, bf16)  # one token
-    assert plan.starts == (0,) and plan.runs == (1536,) and plan.merged is True
+    assert plan.starts == (0,) and plan.runs == (1536,) and plan.merged is False

@@ -118,10 +118,24 @@ def test_plans_are_not_shared():
     assert len(set(results)) == 1
 
 
+def test_a_full_union_is_the_full_plan_or_dense():
+    """Sparsity 0 (every expert active) plans no blocks: the full plan, which masks nothing
+    for one token (and masks each token's experts for a batch), or dense."""
+    d, F_ = SMOL
+    full = torch.ones(48, dtype=torch.bool)
+    for n in (1, 2):
+        plan = cpu_plan.choose(full, n, F_, d, 32, True, True, True, tuning())
+        assert plan.starts == (0,) and plan.runs == (F_,) and plan.merged is False
+    slow_full = tuning(pair=10, halves=10, mm=10, bag=10, mm_down=10, linear=17)
+    assert cpu_plan.choose(full, 1, F_, d, 32, True, True, True, slow_full) is None
+
+
 @pytest.mark.parametrize("kind", ["bmm_fast", "gemv_fast", "dense"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_each_choice_computes_the_reference(kind, tokens, monkeypatch):
-    """Whatever the numbers choose, the op's output is the reference's."""
+@pytest.mark.parametrize("density", [0.5, 0.98, 1.0])
+def test_each_choice_computes_the_reference(kind, tokens, density, monkeypatch):
+    """Whatever the numbers choose, the op's output is the reference's: at sparsity 0.5,
+    with a few experts off (one full block that masks them), and at sparsity 0."""
     t = {"bmm_fast": tuning(), "gemv_fast": tuning(pair=10, halves=10, mm=16, bag=10),
          "dense": tuning(pair=1, halves=1, mm=1, bag=1, mm_down=1)}[kind]
     monkeypatch.setattr(cpu_tuning, "get", lambda d, F_, dtype: t)
@@ -130,7 +144,7 @@ def test_each_choice_computes_the_reference(kind, tokens, monkeypatch):
     w = [torch.randn(F_, d, generator=g) / d ** 0.5 for _ in range(3)]
     pair = torch.stack(w[:2])
     x = torch.randn(tokens, d, generator=g)
-    mask = torch.rand(tokens, 48, generator=g) < 0.5
+    mask = torch.rand(tokens, 48, generator=g) < density
     out = cpu.sparse_ffn(x, mask, pair[0], pair[1], w[2], None, None, None, 32, "silu")
     ref = sparse_ffn_reference(x, mask, pair[0], pair[1], w[2], None, None, None, 32, "silu")
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
