@@ -50,7 +50,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -295,6 +297,38 @@ class _EtaCallback(TrainerCallback):
             _write_marker(ckpt / STATE_FILE, {"eta": self.trainer.eta})
 
 
+class _Interrupt(TrainerCallback):
+    """Ctrl-C that is not lost. Python raises KeyboardInterrupt wherever the main thread is
+    when SIGINT arrives; inside a finalizer or code that catches it, it vanishes and the run
+    goes on to the end (seen in the test suite: exit code 0 after Ctrl-C). While a stage
+    trains, SIGINT is also recorded here, and the end of the next step raises it again."""
+
+    def __init__(self):
+        self.seen = False
+
+    def handler(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+def _train(trainer, resume):
+    """trainer.train(), with Ctrl-C recorded by an _Interrupt (main thread only: signal
+    handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.train(resume_from_checkpoint=resume)
+    interrupt = _Interrupt()
+    trainer.add_callback(interrupt)
+    previous = signal.signal(signal.SIGINT, interrupt.handler)
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def last_checkpoint(folder: Path) -> Path | None:
     """The newest complete Trainer checkpoint in `folder`, if any."""
     done = [p for p in folder.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
@@ -342,7 +376,7 @@ def _run_stage(stage: int, model, lte, tokenizer, task, blocks, cfg: TrainConfig
     if teacher is not None:
         teacher.to(args.device)
     trainer.add_callback(_EtaCallback(trainer))
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = _train(trainer, str(resume) if resume else None)
     return trainer.eta, float(result.metrics.get("train_runtime", 0.0))
 
 

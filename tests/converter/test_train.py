@@ -101,6 +101,33 @@ def test_ctrl_c_keeps_checkpoint_and_resume_continues_identically(tmp_path):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
 
 
+def test_a_swallowed_ctrl_c_still_stops_at_the_end_of_the_step(tmp_path, monkeypatch):
+    """A KeyboardInterrupt that some code catches (a finalizer, a library) is not lost: the
+    run stops at the end of that step, the checkpoints are kept and no output is written."""
+    from lte_convert.converter import train as train_module
+
+    hold, steps = train_module.LTETrainer.hold_sparsity, []
+
+    def hold_that_swallows_ctrl_c(self):
+        steps.append(self.state.global_step)
+        if len(steps) == 5:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)                        # the handler raises in here ...
+            except KeyboardInterrupt:
+                pass                                 # ... and this swallows it
+        return hold(self)
+    monkeypatch.setattr(train_module.LTETrainer, "hold_sparsity", hold_that_swallows_ctrl_c)
+    train, heldout = _data()
+    with pytest.raises(KeyboardInterrupt):
+        train_lte(glassllm_model_dir(), train, tmp_path / "x", 0.5, heldout=heldout,
+                  config=_cfg(stage1_steps=12, save_steps=4))
+    assert len(steps) == 5
+    assert train_module.last_checkpoint(tmp_path / "x.lte-work" / "stage1").name == "checkpoint-4"
+    assert not (tmp_path / "x").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     train, heldout = _data()
     with pytest.raises(UserError, match="not finite.*last good checkpoint"):
