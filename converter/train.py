@@ -316,9 +316,11 @@ class _Interrupt(TrainerCallback):
 
 
 def _train(trainer, resume):
-    """trainer.train(), with Ctrl-C recorded by an _Interrupt (main thread only: signal
-    handlers cannot be set elsewhere)."""
-    if threading.current_thread() is not threading.main_thread():
+    """trainer.train(), with Ctrl-C recorded by an _Interrupt where SIGINT has Python's
+    default handler in the main thread (an ignored SIGINT, e.g. a background job's, or an
+    application's own handler is left as it is)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return trainer.train(resume_from_checkpoint=resume)
     interrupt = _Interrupt()
     trainer.add_callback(interrupt)

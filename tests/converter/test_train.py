@@ -68,10 +68,17 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path):
     assert max((ra[k] - rb[k]).abs().max().item() for k in ra) < 1e-5     # measured 1.9e-6
 
 
+def _default_sigint():
+    """In the child before exec: SIGINT as a terminal gives it (an ignored SIGINT is inherited
+    through exec, and something in the test process sometimes ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(CLI + ["train"] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint,
+                            **kw)
 
 
 def test_ctrl_c_keeps_checkpoint_and_resume_continues_identically(tmp_path):
@@ -119,13 +126,17 @@ def test_a_swallowed_ctrl_c_still_stops_at_the_end_of_the_step(tmp_path, monkeyp
         return hold(self)
     monkeypatch.setattr(train_module.LTETrainer, "hold_sparsity", hold_that_swallows_ctrl_c)
     train, heldout = _data()
-    with pytest.raises(KeyboardInterrupt):
-        train_lte(glassllm_model_dir(), train, tmp_path / "x", 0.5, heldout=heldout,
-                  config=_cfg(stage1_steps=12, save_steps=4))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)    # a terminal's Ctrl-C
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_lte(glassllm_model_dir(), train, tmp_path / "x", 0.5, heldout=heldout,
+                      config=_cfg(stage1_steps=12, save_steps=4))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert len(steps) == 5
     assert train_module.last_checkpoint(tmp_path / "x.lte-work" / "stage1").name == "checkpoint-4"
     assert not (tmp_path / "x").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
