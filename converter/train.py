@@ -299,9 +299,9 @@ class _EtaCallback(TrainerCallback):
 
 class _Interrupt(TrainerCallback):
     """Ctrl-C that is not lost. Python raises KeyboardInterrupt wherever the main thread is
-    when SIGINT arrives; inside a finalizer or code that catches it, it vanishes and the run
-    goes on to the end (seen in the test suite: exit code 0 after Ctrl-C). While a stage
-    trains, SIGINT is also recorded here, and the end of the next step raises it again."""
+    when SIGINT arrives; inside a finalizer or code that catches it, it would vanish and the
+    run would go on to the end. While a stage trains, SIGINT is also recorded here, and the
+    end of the next step raises it again."""
 
     def __init__(self):
         self.seen = False

@@ -25,7 +25,8 @@ Cost of a plan in µs, from the measured numbers of a Tuning (one Kernel per way
     dense                m · linear.full_us + mm_down.full_us      (m = 2 gated, else 1)
 
 The op runs the cheapest of the sparse plan, the full plan and dense; the dense computation
-is what PyTorch would run anyway, so the op is not slower than dense because of its plan.
+is what PyTorch would run anyway. The costs leave out the op's per-call Python and dispatch,
+so on some hosts the op is still slower than dense at sparsity 0 (results/cpu_bench.md, run 7).
 When even one block holding every active expert is predicted slower than dense, or every
 expert is active (sparsity 0: the blocks would be the full plan, planned in a Python loop over
 the experts), the blocks are not planned at all.
